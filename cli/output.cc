@@ -1,0 +1,90 @@
+#include "cli/output.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+
+namespace vmdedup::cli {
+
+std::string HumanSize(uint64_t b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024 && u < 5) {
+    v /= 1024;
+    u++;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+  return buf;
+}
+
+std::string Percent(uint64_t part, uint64_t whole) {
+  if (whole == 0) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f%%", 100.0 * static_cast<double>(part) / static_cast<double>(whole));
+  return buf;
+}
+
+int ReportError(const Status& st) {
+  std::fprintf(stderr, "vmdedup: %s\n", st.ToString().c_str());
+  if (st.IsInvalidArgument()) return kExitUsage;
+  if (st.IsBusy()) return kExitBusy;
+  if (st.IsAborted()) return kExitInterrupted;
+  return kExitFailure;
+}
+
+nlohmann::json SnapshotJson(const SnapshotRecord& s) {
+  return {
+      {"id", s.Id()},
+      {"vm", s.vm},
+      {"disk", s.disk},
+      {"seq", s.seq},
+      {"parent", s.parent_seq ? nlohmann::json(s.vm + "/" + s.disk + "/" + std::to_string(s.parent_seq))
+                              : nlohmann::json(nullptr)},
+      {"time", s.time},
+      {"size", s.size},
+      {"read_bytes", s.stats.read_bytes},
+      {"zero", s.stats.zero},
+      {"segment", s.stats.segment},
+      {"block", s.stats.block},
+      {"cds", s.stats.cds},
+      {"new", s.stats.new_bytes},
+      {"new_blocks", s.stats.new_blocks},
+      {"stored", s.stats.stored},
+      {"metadata", s.stats.metadata},
+      {"duration_ms", s.duration_ms},
+      {"read_mode", s.read_mode},
+      {"source", s.source},
+      {"bitmap", s.bitmap},
+      {"segment_size", s.segment_size},
+      {"chunker", ChunkerKindName(s.chunker.kind)},
+  };
+}
+
+bool StderrIsTerminal() { return isatty(STDERR_FILENO) == 1; }
+
+ProgressLine::ProgressLine(bool enabled)
+    : enabled_(enabled), start_(std::chrono::steady_clock::now()) {}
+ProgressLine::~ProgressLine() { Finish(); }
+
+void ProgressLine::Update(const std::string& what, uint64_t done, uint64_t total,
+                          const std::string& extra) {
+  if (!enabled_) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  double rate = secs > 0 ? static_cast<double>(done) / secs : 0;
+  std::fprintf(stderr, "\r\033[K%s %5s  %s / %s  %s/s  %s", what.c_str(), Percent(done, total).c_str(),
+               HumanSize(done).c_str(), HumanSize(total).c_str(),
+               HumanSize(static_cast<uint64_t>(rate)).c_str(), extra.c_str());
+  std::fflush(stderr);
+  drawn_ = true;
+}
+
+void ProgressLine::Finish() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (drawn_) std::fprintf(stderr, "\r\033[K");
+  drawn_ = false;
+}
+
+}  // namespace vmdedup::cli

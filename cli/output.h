@@ -1,0 +1,49 @@
+// Output helpers for the vmdedup command: human-readable sizes, a progress
+// line on stderr when it is a terminal, JSON forms of records, and the exit
+// codes every command shares. Single-threaded except ProgressLine::Update,
+// which may be called from the thread running the work.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "base/status.h"
+#include "store/records.h"
+
+namespace vmdedup::cli {
+
+// Exit codes (documented in every --help).
+constexpr int kExitOk = 0;
+constexpr int kExitFailure = 1;      // the operation failed; nothing was lost
+constexpr int kExitUsage = 2;        // bad command line
+constexpr int kExitDamaged = 3;      // check found damage
+constexpr int kExitBusy = 4;         // the VM or repository is locked by another vmdedup
+constexpr int kExitInterrupted = 130;
+
+std::string HumanSize(uint64_t bytes);
+std::string Percent(uint64_t part, uint64_t whole);
+// Prints "vmdedup: <status>" to stderr and returns the matching exit code.
+int ReportError(const Status& st);
+
+nlohmann::json SnapshotJson(const SnapshotRecord& s);
+
+class ProgressLine {
+ public:
+  explicit ProgressLine(bool enabled);
+  ~ProgressLine();
+  void Update(const std::string& what, uint64_t done, uint64_t total, const std::string& extra);
+  void Finish();
+
+ private:
+  bool enabled_;
+  bool drawn_ = false;
+  std::mutex mu_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+bool StderrIsTerminal();
+
+}  // namespace vmdedup::cli

@@ -1,0 +1,567 @@
+#include "engine/backup.h"
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <future>
+#include <memory>
+#include <unordered_map>
+
+#include "base/fingerprint.h"
+#include "engine/block_scan.h"
+#include "engine/chunker.h"
+#include "engine/thread_pool.h"
+#include "store/compression.h"
+#include "store/container.h"
+
+namespace vmdedup {
+namespace {
+
+constexpr uint64_t kWindowSegments = 64;         // extents are queried per window
+constexpr size_t kReadBatchBytes = 16u << 20;    // reads issued together
+constexpr size_t kMaxPendingRecipes = 512;       // recipes waiting for a container seal
+constexpr size_t kMaxRunIndexEntries = 1u << 20; // in-run index of new blocks (~100 MiB worst)
+
+enum class Level { kZero, kSegment, kBlock, kCds, kNew };
+
+// One entry of a segment's new recipe, in offset order.
+struct Piece {
+  BlockRef ref;
+  Level level = Level::kZero;
+  Compression compression = Compression::kNone;
+  std::string payload;  // kNew only
+};
+
+// What a segment job must do, in offset order: keep a parent block, record a
+// zero range, or chunk a range of data read into the buffer.
+struct Item {
+  enum Kind { kKept, kZeroRange, kDataRange } kind;
+  BlockRef kept;
+  uint32_t begin = 0;
+  uint32_t end = 0;
+};
+
+struct SegmentJob {
+  uint64_t index = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  bool reuse = false;  // level 1: the whole parent recipe
+  uint64_t reuse_id = 0;
+  uint64_t reuse_zero_bytes = 0;  // of a reused segment, holes per allocation
+  std::optional<SegmentRecipe> parent;
+  std::vector<Item> items;
+  std::vector<uint8_t> buffer;
+  uint64_t read_bytes = 0;
+  std::vector<Piece> pieces;
+  Status status;
+  bool submitted = false;
+  std::promise<void> done;
+  std::future<void> future = done.get_future();
+};
+
+bool SameRef(const BlockRef& a, const BlockRef& b) {
+  if (a.kind != b.kind || a.length != b.length) return false;
+  if (a.kind == BlockKind::kZero) return true;
+  return a.fingerprint == b.fingerprint && a.container == b.container && a.offset == b.offset &&
+         a.record_len == b.record_len;
+}
+
+bool SameBlocks(const std::vector<BlockRef>& a, const std::vector<BlockRef>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); i++)
+    if (!SameRef(a[i], b[i])) return false;
+  return true;
+}
+
+// Extents clipped to [begin, end), relative to `base`.
+std::vector<Extent> Slice(const std::vector<Extent>& extents, uint64_t begin, uint64_t end) {
+  std::vector<Extent> out;
+  auto it = std::upper_bound(extents.begin(), extents.end(), begin,
+                             [](uint64_t v, const Extent& e) { return v < e.offset + e.length; });
+  for (; it != extents.end() && it->offset < end; ++it) {
+    uint64_t b = std::max(begin, it->offset);
+    uint64_t e = std::min(end, it->offset + it->length);
+    if (b < e) out.push_back({b, e - b, it->flags});
+  }
+  return out;
+}
+
+bool IsZeroExtent(const Extent& e) { return (e.flags & (Extent::kHole | Extent::kZero)) != 0; }
+
+struct WorkerState {
+  Sha256Hasher hasher;
+  std::unique_ptr<Compressor> compressor;
+  int level = -1;
+};
+
+class BackupRun {
+ public:
+  BackupRun(Repository& repo, VmStore& vm, const BackupRequest& req)
+      : repo_(repo),
+        vm_(vm),
+        req_(req),
+        cfg_(repo.config()),
+        writer_(0, cfg_.container_capacity),
+        pool_(std::max(1u, req.threads)) {}
+
+  Result<SnapshotRecord> Run();
+
+ private:
+  Status Prepare();
+  Status PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc,
+                     const std::vector<Extent>* dirty);
+  void Process(SegmentJob& job);
+  Status Commit(SegmentJob& job);
+  Status FlushReads();
+  Status AppendNew(Piece& p);
+  Status Seal();
+  Status WriteBatchCounted(WriteBatch& b, bool sync);
+  void Report();
+
+  Repository& repo_;
+  VmStore& vm_;
+  const BackupRequest& req_;
+  const RepoConfig& cfg_;
+  std::unique_ptr<Chunker> chunker_;
+  EmptyCommonBlockIndex no_cds_;
+  const CommonBlockIndex* cds_ = nullptr;
+
+  SnapshotRecord snap_;
+  std::vector<uint64_t> parent_segments_;
+  bool parent_compatible_ = false;  // same size and geometry: levels 1 and kept blocks
+  std::vector<uint64_t> segments_;
+
+  ContainerWriter writer_;
+  bool writer_has_id_ = false;
+  uint64_t next_segment_id_ = 1;
+  WriteBatch pending_;
+  size_t pending_recipes_ = 0;
+  std::unordered_map<Fingerprint, BlockRef, FingerprintHash> run_index_;
+
+  std::deque<std::unique_ptr<SegmentJob>> queue_;
+  std::vector<SegmentJob*> read_batch_;
+  size_t read_batch_bytes_ = 0;
+  ThreadPool pool_;
+  BackupProgress progress_;
+  std::chrono::steady_clock::time_point last_report_;
+};
+
+Status BackupRun::Prepare() {
+  ASSIGN_OR_RETURN(chunker_, NewChunker(cfg_.chunker));
+  cds_ = req_.cds ? req_.cds : &no_cds_;
+  const uint64_t size = req_.source->size();
+  snap_.vm = vm_.vm();
+  snap_.disk = req_.disk;
+  snap_.size = size;
+  snap_.segment_size = cfg_.segment_size;
+  snap_.chunker = cfg_.chunker;
+  snap_.segment_count = (size + cfg_.segment_size - 1) / cfg_.segment_size;
+  snap_.source = req_.source->Describe();
+  snap_.read_mode = req_.read_mode;
+  snap_.bitmap = req_.bitmap;
+  snap_.time = req_.time ? req_.time
+                         : std::chrono::duration_cast<std::chrono::seconds>(
+                               std::chrono::system_clock::now().time_since_epoch())
+                               .count();
+  ASSIGN_OR_RETURN(snap_.seq, vm_.GetCounter("seq/" + req_.disk));
+  ASSIGN_OR_RETURN(next_segment_id_, vm_.GetCounter("segment"));
+  if (req_.parent) {
+    const SnapshotRecord& p = *req_.parent;
+    snap_.parent_seq = p.seq;
+    ASSIGN_OR_RETURN(parent_segments_, vm_.GetSnapshotSegments(p.disk, p.seq));
+    if (parent_segments_.size() != p.segment_count)
+      return Status::Corruption("snapshot " + p.Id() + ": segment list has " +
+                                std::to_string(parent_segments_.size()) + " entries, expected " +
+                                std::to_string(p.segment_count));
+    bool same_geometry = p.segment_size == cfg_.segment_size &&
+                         p.chunker.kind == cfg_.chunker.kind &&
+                         p.chunker.avg_size == cfg_.chunker.avg_size;
+    if (!same_geometry) parent_segments_.clear();  // nothing comparable
+    parent_compatible_ = same_geometry && p.size == size;
+  }
+  segments_.assign(snap_.segment_count, 0);
+  progress_.total_bytes = size;
+  return Status::OK();
+}
+
+Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_all,
+                              const std::vector<Extent>* dirty_all) {
+  const uint64_t seg_begin = job.offset, seg_end = job.offset + job.length;
+  std::vector<Extent> alloc = Slice(alloc_all, seg_begin, seg_end);
+  const bool have_parent_seg = job.index < parent_segments_.size();
+  const uint64_t parent_id = have_parent_seg ? parent_segments_[job.index] : 0;
+  const bool incremental = req_.use_dirty_map && parent_compatible_ && dirty_all != nullptr;
+
+  std::vector<Extent> dirty;
+  if (incremental) {
+    for (const Extent& e : Slice(*dirty_all, seg_begin, seg_end))
+      if (e.flags & Extent::kDirty) dirty.push_back(e);
+    if (dirty.empty()) {  // level 1: not read, parent's recipe reused
+      job.reuse = true;
+      job.reuse_id = parent_id;
+      for (const Extent& e : alloc)
+        if (IsZeroExtent(e)) job.reuse_zero_bytes += e.length;
+      if (parent_id == 0) job.reuse_zero_bytes = job.length;
+      return Status::OK();
+    }
+  }
+  if (have_parent_seg && parent_id != 0) {
+    ASSIGN_OR_RETURN(SegmentRecipe recipe, vm_.GetSegmentRecipe(parent_id));
+    job.parent = std::move(recipe);
+  }
+
+  // Ranges (relative to the segment) to rebuild; everything else keeps the
+  // parent's blocks.
+  std::vector<std::pair<uint32_t, uint32_t>> regions;
+  if (incremental && job.parent && job.parent->length == job.length) {
+    uint32_t pos = 0;
+    size_t d = 0;
+    for (const BlockRef& b : job.parent->blocks) {
+      uint64_t bb = seg_begin + pos, be = bb + b.length;
+      while (d < dirty.size() && dirty[d].offset + dirty[d].length <= bb) d++;
+      bool touched = d < dirty.size() && dirty[d].offset < be;
+      if (touched) {
+        if (!regions.empty() && regions.back().second == pos)
+          regions.back().second = pos + b.length;
+        else
+          regions.push_back({pos, pos + b.length});
+      } else {
+        job.items.push_back({Item::kKept, b, pos, pos + b.length});
+      }
+      pos += b.length;
+    }
+  } else if (incremental && parent_id == 0) {
+    // The parent segment was all zeros: rebuild the dirty ranges only.
+    uint32_t pos = 0;
+    for (const Extent& e : dirty) {
+      uint32_t b = static_cast<uint32_t>(e.offset - seg_begin);
+      uint32_t en = static_cast<uint32_t>(e.offset + e.length - seg_begin);
+      if (b > pos) job.items.push_back({Item::kZeroRange, {}, pos, b});
+      regions.push_back({b, en});
+      pos = en;
+    }
+    if (pos < job.length) job.items.push_back({Item::kZeroRange, {}, pos, job.length});
+  } else {
+    regions.push_back({0, job.length});
+  }
+
+  // Split every region by allocation into zero and data ranges; insert them
+  // among the kept items in offset order.
+  std::vector<Item> rebuilt;
+  for (const auto& [rb, re] : regions) {
+    for (const Extent& e : Slice(alloc, seg_begin + rb, seg_begin + re)) {
+      uint32_t b = static_cast<uint32_t>(e.offset - seg_begin);
+      uint32_t en = static_cast<uint32_t>(b + e.length);
+      Item::Kind kind = IsZeroExtent(e) ? Item::kZeroRange : Item::kDataRange;
+      if (!rebuilt.empty() && rebuilt.back().kind == kind && rebuilt.back().end == b &&
+          kind == Item::kZeroRange)
+        rebuilt.back().end = en;
+      else
+        rebuilt.push_back({kind, {}, b, en});
+      if (kind == Item::kDataRange) job.read_bytes += e.length;
+    }
+  }
+  job.items.insert(job.items.end(), rebuilt.begin(), rebuilt.end());
+  std::sort(job.items.begin(), job.items.end(),
+            [](const Item& a, const Item& b) { return a.begin < b.begin; });
+  if (job.read_bytes > 0) job.buffer.resize(job.length);
+  return Status::OK();
+}
+
+void BackupRun::Process(SegmentJob& job) {
+  thread_local WorkerState ws;
+  if (ws.level != cfg_.compression_level) {
+    ws.compressor = std::make_unique<Compressor>(cfg_.compression_level);
+    ws.level = cfg_.compression_level;
+  }
+  std::unordered_map<Fingerprint, const BlockRef*, FingerprintHash> parent_blocks;
+  if (job.parent) {
+    parent_blocks.reserve(job.parent->blocks.size());
+    for (const BlockRef& b : job.parent->blocks)
+      if (b.kind != BlockKind::kZero) parent_blocks.emplace(b.fingerprint, &b);
+  }
+  std::vector<uint32_t> lengths;
+  for (const Item& item : job.items) {
+    if (item.kind == Item::kKept) {
+      Piece p;
+      p.ref = item.kept;
+      p.level = item.kept.kind == BlockKind::kZero ? Level::kZero : Level::kSegment;
+      job.pieces.push_back(std::move(p));
+      continue;
+    }
+    if (item.kind == Item::kZeroRange) {
+      Piece p;
+      p.ref.kind = BlockKind::kZero;
+      p.ref.length = item.end - item.begin;
+      job.pieces.push_back(std::move(p));
+      continue;
+    }
+    std::span<const uint8_t> data(job.buffer.data() + item.begin, item.end - item.begin);
+    lengths.clear();
+    chunker_->Cut(data, &lengths);
+    size_t pos = 0;
+    for (uint32_t len : lengths) {
+      std::span<const uint8_t> block = data.subspan(pos, len);
+      pos += len;
+      Piece p;
+      p.ref.length = len;
+      if (IsAllZero(block)) {
+        p.ref.kind = BlockKind::kZero;
+        job.pieces.push_back(std::move(p));
+        continue;
+      }
+      Fingerprint fp = ws.hasher.Hash(block);
+      if (auto it = parent_blocks.find(fp); it != parent_blocks.end() && it->second->length == len) {
+        p.ref = *it->second;
+        p.level = Level::kBlock;
+      } else if (auto hit = cds_->Lookup(fp); hit && hit->length == len) {
+        p.ref = *hit;
+        p.level = Level::kCds;
+      } else {
+        p.ref.kind = BlockKind::kOwn;
+        p.ref.fingerprint = fp;
+        p.level = Level::kNew;
+        p.compression = ws.compressor->Compress(block, &p.payload);
+      }
+      job.pieces.push_back(std::move(p));
+    }
+  }
+  job.buffer.clear();
+  job.buffer.shrink_to_fit();
+}
+
+Status BackupRun::WriteBatchCounted(WriteBatch& b, bool sync) {
+  snap_.stats.metadata += b.bytes();
+  Status st = vm_.meta()->Write(b, sync);
+  b.Clear();
+  return st.WithContext("write metadata of VM '" + vm_.vm() + "'");
+}
+
+Status BackupRun::Seal() {
+  if (!writer_.empty()) {
+    ContainerRecord rec;
+    rec.id = writer_.id();
+    rec.block_count = writer_.block_count();
+    rec.object = ContainerObjectName(vm_.vm(), rec.id);
+    rec.written_by = req_.disk + "/" + std::to_string(snap_.seq);
+    std::string bytes = writer_.Finish();
+    rec.size = bytes.size();
+    Status st = repo_.objects()->Put(
+        rec.object, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
+    if (!st.ok()) return st.WithContext("store container " + rec.object);
+    writer_has_id_ = false;
+    pending_.Put(ContainerKey(rec.id), EncodeContainerRecord(ContainerKey(rec.id), rec));
+  }
+  if (!pending_.empty()) {
+    pending_.Put(CounterKey("segment"), EncodeCounter(CounterKey("segment"), next_segment_id_));
+    RETURN_IF_ERROR(WriteBatchCounted(pending_, false));
+    pending_recipes_ = 0;
+  }
+  return Status::OK();
+}
+
+Status BackupRun::AppendNew(Piece& p) {
+  if (auto it = run_index_.find(p.ref.fingerprint);
+      it != run_index_.end() && it->second.length == p.ref.length) {
+    p.ref = it->second;
+    p.level = Level::kBlock;
+    return Status::OK();
+  }
+  if (writer_has_id_ && !writer_.Fits(p.payload.size())) RETURN_IF_ERROR(Seal());
+  if (!writer_has_id_) {
+    ASSIGN_OR_RETURN(uint64_t id, vm_.AllocateContainerId());
+    writer_.Reset(id);
+    writer_has_id_ = true;
+  }
+  BlockRecordInfo info =
+      writer_.Append(p.ref.fingerprint, p.ref.length, p.compression,
+                     {reinterpret_cast<const uint8_t*>(p.payload.data()), p.payload.size()});
+  p.ref.container = writer_.id();
+  p.ref.offset = info.offset;
+  p.ref.record_len = info.record_len;
+  snap_.stats.new_bytes += p.ref.length;
+  snap_.stats.stored += info.record_len;
+  snap_.stats.new_blocks++;
+  if (run_index_.size() < kMaxRunIndexEntries) run_index_.emplace(p.ref.fingerprint, p.ref);
+  p.payload.clear();
+  return Status::OK();
+}
+
+Status BackupRun::Commit(SegmentJob& job) {
+  LevelStats& st = snap_.stats;
+  st.read_bytes += job.read_bytes;
+  progress_.read_bytes += job.read_bytes;
+  progress_.done_bytes = job.offset + job.length;
+  if (job.reuse) {
+    segments_[job.index] = job.reuse_id;
+    st.zero += job.reuse_zero_bytes;
+    st.segment += job.length - job.reuse_zero_bytes;
+    return Status::OK();
+  }
+  RETURN_IF_ERROR(job.status);
+  SegmentRecipe recipe;
+  recipe.length = job.length;
+  for (Piece& p : job.pieces) {
+    if (p.level == Level::kNew) RETURN_IF_ERROR(AppendNew(p));
+    switch (p.level) {
+      case Level::kZero: st.zero += p.ref.length; break;
+      case Level::kSegment: st.segment += p.ref.length; break;
+      case Level::kBlock: st.block += p.ref.length; break;
+      case Level::kCds: st.cds += p.ref.length; break;
+      case Level::kNew: break;  // counted by AppendNew
+    }
+    if (p.ref.kind == BlockKind::kZero && !recipe.blocks.empty() &&
+        recipe.blocks.back().kind == BlockKind::kZero)
+      recipe.blocks.back().length += p.ref.length;
+    else
+      recipe.blocks.push_back(p.ref);
+  }
+  job.pieces.clear();
+  if (recipe.blocks.size() == 1 && recipe.blocks[0].kind == BlockKind::kZero) {
+    segments_[job.index] = 0;  // all zero: no recipe
+  } else if (job.parent && job.parent->length == recipe.length &&
+             SameBlocks(job.parent->blocks, recipe.blocks)) {
+    segments_[job.index] = job.parent->id;  // rewritten with the same content
+  } else {
+    recipe.id = next_segment_id_++;
+    std::string key = SegmentRecipeKey(recipe.id);
+    pending_.Put(key, EncodeSegmentRecipe(key, recipe));
+    segments_[job.index] = recipe.id;
+    if (++pending_recipes_ >= kMaxPendingRecipes) RETURN_IF_ERROR(Seal());
+  }
+  progress_.stored_bytes = st.stored;
+  return Status::OK();
+}
+
+Status BackupRun::FlushReads() {
+  if (read_batch_.empty()) return Status::OK();
+  std::vector<ReadRequest> reqs;
+  for (SegmentJob* job : read_batch_)
+    for (const Item& item : job->items)
+      if (item.kind == Item::kDataRange)
+        reqs.push_back({job->offset + item.begin, item.end - item.begin,
+                        job->buffer.data() + item.begin});
+  Status st = req_.source->ReadMany(reqs);
+  if (!st.ok()) return st.WithContext("read " + req_.source->Describe());
+  for (SegmentJob* job : read_batch_) {
+    job->submitted = true;
+    pool_.Submit([this, job] {
+      Process(*job);
+      job->done.set_value();
+    });
+  }
+  read_batch_.clear();
+  read_batch_bytes_ = 0;
+  return Status::OK();
+}
+
+void BackupRun::Report() {
+  if (!req_.progress) return;
+  auto now = std::chrono::steady_clock::now();
+  if (now - last_report_ < std::chrono::milliseconds(250) &&
+      progress_.done_bytes < progress_.total_bytes)
+    return;
+  last_report_ = now;
+  req_.progress(progress_);
+}
+
+Result<SnapshotRecord> BackupRun::Run() {
+  auto start = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(Prepare());
+  const uint64_t size = snap_.size;
+  const size_t max_queue = 4 * pool_.size() + 8;
+  Status failure;
+
+  auto commit_front = [&]() -> Status {
+    SegmentJob& job = *queue_.front();
+    if (!job.reuse) {
+      if (!job.submitted) RETURN_IF_ERROR(FlushReads());
+      job.future.wait();
+    }
+    Status st = Commit(job);
+    queue_.pop_front();
+    Report();
+    return st;
+  };
+
+  for (uint64_t w = 0; w < snap_.segment_count && failure.ok(); w += kWindowSegments) {
+    uint64_t wbegin = w * cfg_.segment_size;
+    uint64_t wend = std::min(size, (w + kWindowSegments) * cfg_.segment_size);
+    std::vector<Extent> alloc, dirty;
+    failure = req_.source->Allocation(wbegin, wend - wbegin, &alloc);
+    if (!failure.ok()) break;
+    bool use_dirty = req_.use_dirty_map && parent_compatible_;
+    if (use_dirty) {
+      failure = req_.source->Dirty(wbegin, wend - wbegin, &dirty);
+      if (!failure.ok()) break;
+    }
+    for (uint64_t s = w; s < std::min(snap_.segment_count, w + kWindowSegments); s++) {
+      if (req_.cancel && req_.cancel->load()) {
+        failure = Status::Aborted("backup interrupted");
+        break;
+      }
+      auto job = std::make_unique<SegmentJob>();
+      job->index = s;
+      job->offset = s * cfg_.segment_size;
+      job->length = static_cast<uint32_t>(std::min<uint64_t>(cfg_.segment_size, size - job->offset));
+      failure = PlanSegment(*job, alloc, use_dirty ? &dirty : nullptr);
+      if (!failure.ok()) break;
+      SegmentJob* raw = job.get();
+      queue_.push_back(std::move(job));
+      if (!raw->reuse) {
+        if (raw->read_bytes == 0) {
+          raw->submitted = true;
+          pool_.Submit([this, raw] {
+            Process(*raw);
+            raw->done.set_value();
+          });
+        } else {
+          read_batch_.push_back(raw);
+          read_batch_bytes_ += raw->read_bytes;
+          if (read_batch_bytes_ >= kReadBatchBytes) {
+            failure = FlushReads();
+            if (!failure.ok()) break;
+          }
+        }
+      }
+      while (failure.ok() && queue_.size() > max_queue) failure = commit_front();
+    }
+  }
+  while (failure.ok() && !queue_.empty()) failure = commit_front();
+  if (!failure.ok()) {
+    pool_.Wait();  // workers may still reference queued jobs
+    queue_.clear();
+    return failure;
+  }
+  RETURN_IF_ERROR(Seal());
+
+  auto end = std::chrono::steady_clock::now();
+  snap_.duration_ms = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(end - start).count());
+  WriteBatch commit;
+  std::string seg_key = SnapshotSegmentsKey(snap_.disk, snap_.seq);
+  commit.Put(seg_key, EncodeSegmentList(seg_key, segments_));
+  commit.Put(CounterKey("seq/" + snap_.disk), EncodeCounter(CounterKey("seq/" + snap_.disk), snap_.seq + 1));
+  snap_.stats.metadata += commit.bytes();
+  std::string key = SnapshotKey(snap_.disk, snap_.seq);
+  std::string value = EncodeSnapshot(key, snap_);
+  snap_.stats.metadata += key.size() + value.size();
+  value = EncodeSnapshot(key, snap_);  // again, now counting itself
+  commit.Put(key, value);
+  Status st = vm_.meta()->Write(commit, true);
+  if (!st.ok()) return st.WithContext("commit snapshot " + snap_.Id());
+  progress_.done_bytes = size;
+  if (req_.progress) req_.progress(progress_);
+  return snap_;
+}
+
+}  // namespace
+
+Result<SnapshotRecord> RunBackup(Repository& repo, VmStore& vm, const BackupRequest& request) {
+  if (request.source == nullptr) return Status::InvalidArgument("backup without a source");
+  RETURN_IF_ERROR(ValidateName("disk", request.disk));
+  BackupRun run(repo, vm, request);
+  return run.Run();
+}
+
+}  // namespace vmdedup

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Fails when a C++ file differs from what clang-format (the checked-in
+# .clang-format) makes of it. Skips quietly when clang-format is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v clang-format >/dev/null || { echo "check-format: clang-format not installed, skipped"; exit 0; }
+bad=0
+while IFS= read -r f; do
+  if ! clang-format --dry-run --Werror "$f" >/dev/null 2>&1; then
+    echo "check-format: $f is not formatted (run: clang-format -i $f)"; bad=1
+  fi
+done < <(git ls-files '*.cc' '*.h')
+[ "$bad" = 0 ] && echo "check-format: all files formatted"
+exit "$bad"

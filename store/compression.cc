@@ -1,0 +1,83 @@
+// zstd block compression; see compression.h.
+
+#include "store/compression.h"
+
+#include <zstd.h>
+
+#include <memory>
+
+namespace vmdedup {
+
+Compressor::Compressor(int level) : ctx_(ZSTD_createCCtx()), level_(level) {}
+
+Compressor::~Compressor() { ZSTD_freeCCtx(ctx_); }
+
+Compression Compressor::Compress(std::span<const uint8_t> in, std::string* out) {
+  size_t n = in.size();
+  if (ctx_ != nullptr && n > 0) {
+    out->resize(ZSTD_compressBound(n));
+    size_t c = ZSTD_compressCCtx(ctx_, out->data(), out->size(), in.data(), n, level_);
+    // Keep the compressed form only when it saves at least 1/32 of the size.
+    if (!ZSTD_isError(c) && c <= n - n / 32) {
+      out->resize(c);
+      return Compression::kZstd;
+    }
+  }
+  out->assign(reinterpret_cast<const char*>(in.data()), n);
+  return Compression::kNone;
+}
+
+namespace {
+
+struct DCtxDeleter {
+  void operator()(ZSTD_DCtx* ctx) const { ZSTD_freeDCtx(ctx); }
+};
+
+ZSTD_DCtx* ThreadDCtx() {
+  thread_local std::unique_ptr<ZSTD_DCtx, DCtxDeleter> ctx(ZSTD_createDCtx());
+  return ctx.get();
+}
+
+}  // namespace
+
+Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
+                  std::string* out, const std::string& what) {
+  switch (c) {
+    case Compression::kNone:
+      if (payload.size() != raw_len) {
+        return Status::Corruption(what + ": stored block has " + std::to_string(payload.size()) +
+                                  " bytes, expected " + std::to_string(raw_len));
+      }
+      out->assign(reinterpret_cast<const char*>(payload.data()), payload.size());
+      return Status::OK();
+    case Compression::kZstd: {
+      // The frame must declare exactly raw_len before we allocate for it.
+      unsigned long long declared = ZSTD_getFrameContentSize(payload.data(), payload.size());
+      if (declared == ZSTD_CONTENTSIZE_ERROR || declared == ZSTD_CONTENTSIZE_UNKNOWN) {
+        return Status::Corruption(what + ": not a zstd frame with a content size");
+      }
+      if (declared != raw_len) {
+        return Status::Corruption(what + ": zstd frame declares " + std::to_string(declared) +
+                                  " bytes, expected " + std::to_string(raw_len));
+      }
+      ZSTD_DCtx* ctx = ThreadDCtx();
+      if (ctx == nullptr) return Status::IOError(what + ": cannot allocate a zstd context");
+      out->resize(raw_len);
+      // Capacity raw_len: a frame that would decompress to more fails.
+      size_t r = ZSTD_decompressDCtx(ctx, out->data(), raw_len, payload.data(), payload.size());
+      if (ZSTD_isError(r) || r != raw_len) {
+        out->clear();
+        return Status::Corruption(
+            what + ": zstd: " +
+            (ZSTD_isError(r) ? std::string(ZSTD_getErrorName(r))
+                             : "decompressed " + std::to_string(r) + " bytes, expected " +
+                                   std::to_string(raw_len)));
+      }
+      return Status::OK();
+    }
+  }
+  return Status::Corruption(what + ": unknown compression " +
+                            std::to_string(static_cast<unsigned>(c)));
+}
+
+}  // namespace vmdedup

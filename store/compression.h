@@ -1,0 +1,37 @@
+// Block compression (zstd). Compressor keeps a zstd context and is used by
+// one thread at a time; Decompress is thread-safe (thread-local context).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "base/status.h"
+
+struct ZSTD_CCtx_s;
+
+namespace vmdedup {
+
+enum class Compression : uint8_t { kNone = 0, kZstd = 1 };
+
+class Compressor {
+ public:
+  explicit Compressor(int level);
+  ~Compressor();
+  Compressor(const Compressor&) = delete;
+  Compressor& operator=(const Compressor&) = delete;
+  // Compresses `in` into `out` (replacing its content). When compression does
+  // not save at least 1/32 of the size, stores `in` as is and returns kNone.
+  Compression Compress(std::span<const uint8_t> in, std::string* out);
+
+ private:
+  ZSTD_CCtx_s* ctx_;
+  int level_;
+};
+
+// Decompresses a payload whose plaintext is exactly `raw_len` bytes; any
+// mismatch or zstd error is Corruption naming `what`.
+Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
+                  std::string* out, const std::string& what);
+
+}  // namespace vmdedup

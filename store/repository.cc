@@ -1,0 +1,391 @@
+#include "store/repository.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "base/crc32c.h"
+#include "base/encoding.h"
+
+namespace vmdedup {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr char kConfigFile[] = "vmdedup-repo";
+constexpr char kConfigMagic[8] = {'V', 'M', 'D', 'D', 'R', 'E', 'P', 'O'};
+
+std::string RandomHex16() {
+  std::random_device rd;
+  uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  char b[17];
+  std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
+std::string EncodeConfig(const RepoConfig& c) {
+  nlohmann::json j = {
+      {"format_version", c.format_version},
+      {"repo_id", c.repo_id},
+      {"segment_size", c.segment_size},
+      {"chunker", ChunkerKindName(c.chunker.kind)},
+      {"chunk_avg", c.chunker.avg_size},
+      {"chunk_min", c.chunker.min_size},
+      {"chunk_max", c.chunker.max_size},
+      {"compression_level", c.compression_level},
+      {"container_capacity", c.container_capacity},
+  };
+  std::string body = j.dump(2) + "\n";
+  ByteWriter w;
+  w.Bytes(kConfigMagic, 8);
+  w.U32(static_cast<uint32_t>(body.size()));
+  w.Bytes(body.data(), body.size());
+  w.U32(crc32c::Mask(crc32c::Value(w.buffer().data(), w.buffer().size())));
+  return w.Take();
+}
+
+Status DecodeConfig(const std::string& data, const std::string& path, RepoConfig* c) {
+  std::string what = "repository configuration " + path;
+  if (data.size() < 16 || std::memcmp(data.data(), kConfigMagic, 8) != 0)
+    return Status::Corruption(what + ": not a vmdedup configuration record");
+  uint32_t len = DecodeU32(reinterpret_cast<const uint8_t*>(data.data() + 8));
+  if (data.size() != 16ull + len) return Status::Corruption(what + ": truncated");
+  uint32_t stored = DecodeU32(reinterpret_cast<const uint8_t*>(data.data() + 12 + len));
+  if (crc32c::Unmask(stored) != crc32c::Value(data.data(), 12 + len))
+    return Status::Corruption(what + ": checksum mismatch");
+  try {
+    auto j = nlohmann::json::parse(data.substr(12, len));
+    c->format_version = j.at("format_version").get<uint32_t>();
+    if (c->format_version != kRepoFormatVersion)
+      return Status::NotSupported(what + ": format version " + std::to_string(c->format_version) +
+                                  ", this vmdedup reads version " +
+                                  std::to_string(kRepoFormatVersion));
+    c->repo_id = j.at("repo_id").get<std::string>();
+    c->segment_size = j.at("segment_size").get<uint32_t>();
+    ASSIGN_OR_RETURN(c->chunker.kind, ParseChunkerKind(j.at("chunker").get<std::string>()));
+    c->chunker.avg_size = j.at("chunk_avg").get<uint32_t>();
+    c->chunker.min_size = j.at("chunk_min").get<uint32_t>();
+    c->chunker.max_size = j.at("chunk_max").get<uint32_t>();
+    c->compression_level = j.at("compression_level").get<int>();
+    c->container_capacity = j.at("container_capacity").get<uint32_t>();
+  } catch (const std::exception& e) {
+    return Status::Corruption(what + ": " + e.what());
+  }
+  return ValidateRepoConfig(*c).WithContext(what);
+}
+
+Status WriteFileDurably(const std::string& path, const std::string& data) {
+  std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Status::FromErrno(errno, "create " + tmp);
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int err = errno;
+      ::close(fd);
+      return Status::FromErrno(err, "write " + tmp);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    int err = errno;
+    ::close(fd);
+    return Status::FromErrno(err, "fsync " + tmp);
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
+  int dfd = ::open(fs::path(path).parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return Status::OK();
+}
+
+std::string ReadLockHolder(const std::string& lock_path) {
+  std::ifstream in(lock_path);
+  std::string pid;
+  std::getline(in, pid);
+  return pid.empty() ? "another process" : "process " + pid;
+}
+
+}  // namespace
+
+Status ValidateRepoConfig(const RepoConfig& c) {
+  if (c.segment_size < (64u << 10) || c.segment_size > (64u << 20) ||
+      (c.segment_size & (c.segment_size - 1)) != 0)
+    return Status::InvalidArgument("segment size must be a power of two from 64 KiB to 64 MiB, got " +
+                                   std::to_string(c.segment_size));
+  if (c.compression_level < 1 || c.compression_level > 19)
+    return Status::InvalidArgument("compression level must be 1 to 19, got " +
+                                   std::to_string(c.compression_level));
+  if (c.container_capacity < (1u << 20) || c.container_capacity > (64u << 20))
+    return Status::InvalidArgument("container capacity must be 1 to 64 MiB");
+  if (c.chunker.max_size > c.segment_size)
+    return Status::InvalidArgument("the largest block must not exceed the segment size");
+  auto chunker = NewChunker(c.chunker);
+  if (!chunker.ok()) return chunker.status();
+  return Status::OK();
+}
+
+Repository::Repository(std::string path, RepoConfig config)
+    : path_(std::move(path)), config_(std::move(config)) {}
+Repository::~Repository() = default;
+
+Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path,
+                                                       RepoConfig config) {
+  RETURN_IF_ERROR(ValidateRepoConfig(config));
+  std::error_code ec;
+  if (fs::exists(path, ec)) {
+    if (!fs::is_directory(path, ec))
+      return Status::InvalidArgument(path + " exists and is not a directory");
+    if (!fs::is_empty(path, ec))
+      return Status::InvalidArgument(path + " is not empty; vmdedup init needs a new or empty directory");
+  }
+  fs::create_directories(path, ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + path);
+  fs::create_directories(fs::path(path) / "vms", ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + path + "/vms");
+  config.repo_id = RandomHex16();
+  config.format_version = kRepoFormatVersion;
+  RETURN_IF_ERROR(WriteFileDurably(path + "/" + kConfigFile, EncodeConfig(config)));
+  return Open(path);
+}
+
+Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path) {
+  return OpenWithObjectStore(path, nullptr);
+}
+
+Result<std::unique_ptr<Repository>> Repository::OpenWithObjectStore(const std::string& path,
+                                                                    ObjectStore* objects) {
+  std::string cfg_path = path + "/" + kConfigFile;
+  std::ifstream in(cfg_path, std::ios::binary);
+  if (!in) {
+    std::error_code ec;
+    if (!fs::exists(path, ec))
+      return Status::NotFound("repository " + path +
+                              " does not exist; create it with 'vmdedup init " + path + "'");
+    return Status::NotFound(path + " is not a vmdedup repository (no " + kConfigFile +
+                            "); create one with 'vmdedup init'");
+  }
+  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  RepoConfig config;
+  RETURN_IF_ERROR(DecodeConfig(data, cfg_path, &config));
+  std::unique_ptr<Repository> repo(new Repository(path, config));
+  if (objects == nullptr) {
+    repo->owned_objects_ = NewLocalObjectStore(path);
+    repo->objects_ = repo->owned_objects_.get();
+  } else {
+    repo->objects_ = objects;
+  }
+  return repo;
+}
+
+Result<std::vector<std::string>> Repository::ListVms() {
+  std::vector<std::string> vms;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(path_ + "/vms", ec)) {
+    if (entry.is_directory() && fs::exists(entry.path() / "meta"))
+      vms.push_back(entry.path().filename().string());
+  }
+  if (ec) return Status::FromErrno(ec.value(), "list " + path_ + "/vms");
+  std::sort(vms.begin(), vms.end());
+  return vms;
+}
+
+Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Access access) {
+  RETURN_IF_ERROR(ValidateName("VM", vm));
+  std::string dir = path_ + "/vms/" + vm;
+  std::string lock_path = dir + "/lock";
+  std::error_code ec;
+  int lock_fd = -1;
+  if (access == Access::kRead) {
+    if (!fs::exists(dir + "/meta", ec))
+      return Status::NotFound("VM '" + vm + "' has no backups in repository " + path_);
+  } else {
+    fs::create_directories(dir, ec);
+    if (ec) return Status::FromErrno(ec.value(), "create " + dir);
+    lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd < 0) return Status::FromErrno(errno, "open " + lock_path);
+    if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+      int err = errno;
+      ::close(lock_fd);
+      if (err == EWOULDBLOCK)
+        return Status::Busy("VM '" + vm + "' is locked by " + ReadLockHolder(lock_path) +
+                            " (a backup of it is running); wait for it to finish");
+      return Status::FromErrno(err, "lock " + lock_path);
+    }
+    std::string pid = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(lock_fd, 0) != 0 || ::pwrite(lock_fd, pid.data(), pid.size(), 0) < 0) {
+      // The pid is informational only.
+    }
+  }
+  auto meta = OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite);
+  if (!meta.ok()) {
+    if (lock_fd >= 0) ::close(lock_fd);
+    if (meta.status().IsBusy())
+      return Status::Busy("VM '" + vm + "' is in use by " + ReadLockHolder(lock_path) +
+                          " (a backup of it is running); retry when it has finished");
+    return meta.status().WithContext("open metadata of VM '" + vm + "'");
+  }
+  std::unique_ptr<MetadataStore> store = std::move(meta).value();
+  if (wrap_metadata_) store = wrap_metadata_(std::move(store));
+  std::unique_ptr<VmStore> vs(new VmStore(vm, std::move(store), lock_fd));
+  if (access == Access::kWrite) {
+    std::string value;
+    Status st = vs->meta()->Get(VmInfoKey(), &value);
+    if (st.IsNotFound()) {
+      WriteBatch b;
+      int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count();
+      b.Put(VmInfoKey(), EncodeVmInfo(VmInfoKey(), vm, now));
+      RETURN_IF_ERROR(vs->meta()->Write(b, true));
+    } else if (!st.ok()) {
+      return st;
+    }
+  }
+  return vs;
+}
+
+VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd)
+    : vm_(std::move(vm)), meta_(std::move(meta)), lock_fd_(lock_fd) {}
+
+VmStore::~VmStore() {
+  meta_.reset();  // close the database before releasing the lock
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+Result<std::vector<SnapshotRecord>> VmStore::ListSnapshots(const std::string& disk) {
+  std::vector<SnapshotRecord> out;
+  Status inner;
+  std::string prefix = disk.empty() ? std::string(kSnapshotKeyPrefix) : SnapshotPrefix(disk);
+  RETURN_IF_ERROR(meta_->Scan(prefix, [&](std::string_view key, std::string_view value) {
+    SnapshotRecord r;
+    inner = DecodeSnapshot(key, value, &r);
+    if (!inner.ok()) return false;
+    out.push_back(std::move(r));
+    return true;
+  }));
+  RETURN_IF_ERROR(inner);
+  return out;
+}
+
+Result<std::vector<std::string>> VmStore::ListDisks() {
+  ASSIGN_OR_RETURN(auto snaps, ListSnapshots());
+  std::vector<std::string> disks;
+  for (const auto& s : snaps)
+    if (disks.empty() || disks.back() != s.disk) disks.push_back(s.disk);
+  return disks;
+}
+
+Result<SnapshotRecord> VmStore::GetSnapshot(const std::string& disk, uint64_t seq) {
+  std::string key = SnapshotKey(disk, seq);
+  std::string value;
+  Status st = meta_->Get(key, &value);
+  if (st.IsNotFound())
+    return Status::NotFound("snapshot " + vm_ + "/" + disk + "/" + std::to_string(seq) +
+                            " does not exist; 'vmdedup snapshots --vm " + vm_ + "' lists them");
+  RETURN_IF_ERROR(st);
+  SnapshotRecord r;
+  RETURN_IF_ERROR(DecodeSnapshot(key, value, &r));
+  return r;
+}
+
+Result<SnapshotRecord> VmStore::LatestSnapshot(const std::string& disk) {
+  ASSIGN_OR_RETURN(auto snaps, ListSnapshots(disk));
+  if (snaps.empty())
+    return Status::NotFound("disk series " + vm_ + "/" + disk + " has no snapshot");
+  return snaps.back();
+}
+
+Result<std::vector<uint64_t>> VmStore::GetSnapshotSegments(const std::string& disk, uint64_t seq) {
+  std::string key = SnapshotSegmentsKey(disk, seq);
+  std::string value;
+  Status st = meta_->Get(key, &value);
+  if (st.IsNotFound())
+    return Status::Corruption("segment list of snapshot " + vm_ + "/" + disk + "/" +
+                              std::to_string(seq) + " is missing");
+  RETURN_IF_ERROR(st);
+  std::vector<uint64_t> ids;
+  RETURN_IF_ERROR(DecodeSegmentList(key, value, &ids));
+  return ids;
+}
+
+Result<SegmentRecipe> VmStore::GetSegmentRecipe(uint64_t id) {
+  std::string key = SegmentRecipeKey(id);
+  std::string value;
+  Status st = meta_->Get(key, &value);
+  if (st.IsNotFound())
+    return Status::Corruption("segment recipe " + key + " of VM '" + vm_ + "' is missing");
+  RETURN_IF_ERROR(st);
+  SegmentRecipe r;
+  RETURN_IF_ERROR(DecodeSegmentRecipe(key, value, &r));
+  if (r.id != id) return Status::Corruption("segment recipe " + key + " holds id " + std::to_string(r.id));
+  return r;
+}
+
+Result<ContainerRecord> VmStore::GetContainer(uint64_t id) {
+  std::string key = ContainerKey(id);
+  std::string value;
+  Status st = meta_->Get(key, &value);
+  if (st.IsNotFound())
+    return Status::NotFound("container " + key + " of VM '" + vm_ + "' is not in the catalog");
+  RETURN_IF_ERROR(st);
+  ContainerRecord r;
+  RETURN_IF_ERROR(DecodeContainerRecord(key, value, &r));
+  return r;
+}
+
+Result<uint64_t> VmStore::GetCounter(const std::string& name) {
+  std::string key = CounterKey(name);
+  std::string value;
+  Status st = meta_->Get(key, &value);
+  if (st.IsNotFound()) return uint64_t{1};
+  RETURN_IF_ERROR(st);
+  uint64_t v;
+  RETURN_IF_ERROR(DecodeCounter(key, value, &v));
+  return v;
+}
+
+Result<uint64_t> VmStore::AllocateContainerId() {
+  ASSIGN_OR_RETURN(uint64_t id, GetCounter("container"));
+  WriteBatch b;
+  b.Put(CounterKey("container"), EncodeCounter(CounterKey("container"), id + 1));
+  RETURN_IF_ERROR(meta_->Write(b, true));
+  return id;
+}
+
+Result<SnapshotRef> ParseSnapshotRef(const std::string& text) {
+  SnapshotRef ref;
+  size_t a = text.find('/');
+  size_t b = a == std::string::npos ? a : text.find('/', a + 1);
+  if (a == std::string::npos || b == std::string::npos || text.find('/', b + 1) != std::string::npos)
+    return Status::InvalidArgument("snapshot '" + text +
+                                   "' must be written VM/DISK/N or VM/DISK/latest");
+  ref.vm = text.substr(0, a);
+  ref.disk = text.substr(a + 1, b - a - 1);
+  std::string seq = text.substr(b + 1);
+  RETURN_IF_ERROR(ValidateName("VM", ref.vm));
+  RETURN_IF_ERROR(ValidateName("disk", ref.disk));
+  if (seq != "latest") {
+    if (seq.empty() || seq.find_first_not_of("0123456789") != std::string::npos || seq.size() > 18)
+      return Status::InvalidArgument("snapshot number '" + seq + "' in '" + text +
+                                     "' must be a positive number or 'latest'");
+    ref.seq = std::stoull(seq);
+    if (*ref.seq == 0) return Status::InvalidArgument("snapshot numbers start at 1");
+  }
+  return ref;
+}
+
+}  // namespace vmdedup

@@ -1,0 +1,115 @@
+// Repository: one vmdedup repository — its configuration, its object store
+// and the per-VM metadata stores. Layout on local disk:
+//
+//   REPO/vmdedup-repo            configuration record (format version, ids,
+//                                segment size, chunker, compression)
+//   REPO/vms/VM/meta/            the VM's metadata (LevelDB)
+//   REPO/vms/VM/lock             held (flock) by the process writing the VM
+//   REPO/vms/VM/data/ID.ctr      the VM's containers (objects)
+//
+// VM-centric isolation: each VM has its own metadata and containers, so one
+// VM's backups never coordinate with another's. A Repository is used by one
+// thread; a VmStore's MetadataStore is thread-safe, its counters are not.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "engine/chunker.h"
+#include "store/metadata_store.h"
+#include "store/object_store.h"
+#include "store/records.h"
+
+namespace vmdedup {
+
+struct RepoConfig {
+  uint32_t format_version = kRepoFormatVersion;
+  std::string repo_id;  // 16 hex digits, random at init
+  uint32_t segment_size = 2u << 20;
+  ChunkerParams chunker;
+  int compression_level = 3;
+  uint32_t container_capacity = 32u << 20;
+};
+
+Status ValidateRepoConfig(const RepoConfig& c);
+
+class VmStore;
+
+class Repository {
+ public:
+  // Creates the repository directory (must not exist or be empty).
+  static Result<std::unique_ptr<Repository>> Create(const std::string& path, RepoConfig config);
+  // NotFound with a hint when PATH is not a repository.
+  static Result<std::unique_ptr<Repository>> Open(const std::string& path);
+  // For tests: a repository whose object store is `objects` (not owned).
+  static Result<std::unique_ptr<Repository>> OpenWithObjectStore(const std::string& path,
+                                                                 ObjectStore* objects);
+  ~Repository();
+
+  const RepoConfig& config() const { return config_; }
+  const std::string& path() const { return path_; }
+  ObjectStore* objects() { return objects_; }
+  Result<std::vector<std::string>> ListVms();
+
+  enum class Access {
+    kRead,        // existing VM only; fails Busy if a writer holds it
+    kWrite,       // creates the VM; takes its lock (Busy if held)
+  };
+  Result<std::unique_ptr<VmStore>> OpenVm(const std::string& vm, Access access);
+
+  // For tests: metadata stores opened after this call are wrapped by `wrap`.
+  using MetadataWrapper =
+      std::function<std::unique_ptr<MetadataStore>(std::unique_ptr<MetadataStore>)>;
+  void SetMetadataWrapperForTest(MetadataWrapper wrap) { wrap_metadata_ = std::move(wrap); }
+
+ private:
+  Repository(std::string path, RepoConfig config);
+  std::string path_;
+  RepoConfig config_;
+  std::unique_ptr<ObjectStore> owned_objects_;
+  ObjectStore* objects_ = nullptr;
+  MetadataWrapper wrap_metadata_;
+};
+
+// One VM's metadata with typed accessors.
+class VmStore {
+ public:
+  ~VmStore();
+  const std::string& vm() const { return vm_; }
+  MetadataStore* meta() { return meta_.get(); }
+
+  // All snapshots of `disk` (all disks when empty), by disk then seq.
+  Result<std::vector<SnapshotRecord>> ListSnapshots(const std::string& disk = "");
+  Result<std::vector<std::string>> ListDisks();
+  Result<SnapshotRecord> GetSnapshot(const std::string& disk, uint64_t seq);
+  // NotFound when the series has no snapshot.
+  Result<SnapshotRecord> LatestSnapshot(const std::string& disk);
+  Result<std::vector<uint64_t>> GetSnapshotSegments(const std::string& disk, uint64_t seq);
+  Result<SegmentRecipe> GetSegmentRecipe(uint64_t id);
+  Result<ContainerRecord> GetContainer(uint64_t id);
+  Result<uint64_t> GetCounter(const std::string& name);  // 1 when never set
+
+  // Reserves a container id durably, so that no two objects ever share one.
+  Result<uint64_t> AllocateContainerId();
+
+ private:
+  friend class Repository;
+  VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd);
+  std::string vm_;
+  std::unique_ptr<MetadataStore> meta_;
+  int lock_fd_ = -1;
+};
+
+// Parses "VM/DISK/SEQ" or "VM/DISK/latest".
+struct SnapshotRef {
+  std::string vm;
+  std::string disk;
+  std::optional<uint64_t> seq;  // empty: latest
+};
+Result<SnapshotRef> ParseSnapshotRef(const std::string& text);
+
+}  // namespace vmdedup
