@@ -67,11 +67,11 @@ Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_
       size_t r = ZSTD_decompressDCtx(ctx, out->data(), raw_len, payload.data(), payload.size());
       if (ZSTD_isError(r) || r != raw_len) {
         out->clear();
-        return Status::Corruption(
-            what + ": zstd: " +
-            (ZSTD_isError(r) ? std::string(ZSTD_getErrorName(r))
-                             : "decompressed " + std::to_string(r) + " bytes, expected " +
-                                   std::to_string(raw_len)));
+        return Status::Corruption(what + ": zstd: " +
+                                  (ZSTD_isError(r)
+                                       ? std::string(ZSTD_getErrorName(r))
+                                       : "decompressed " + std::to_string(r) + " bytes, expected " +
+                                             std::to_string(raw_len)));
       }
       return Status::OK();
     }

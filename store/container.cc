@@ -44,9 +44,9 @@ namespace {
 
 constexpr char kHeaderMagic[8] = {'V', 'M', 'D', 'D', 'C', 'T', 'R', '1'};
 constexpr char kTrailerMagic[8] = {'V', 'M', 'D', 'D', 'E', 'N', 'D', '1'};
-constexpr size_t kCrcOffset = 28;            // in header and trailer
-constexpr size_t kRecordCrcOffset = 44;      // in a block record header
-constexpr size_t kFingerprintOffset = 12;    // in a block record header
+constexpr size_t kCrcOffset = 28;          // in header and trailer
+constexpr size_t kRecordCrcOffset = 44;    // in a block record header
+constexpr size_t kFingerprintOffset = 12;  // in a block record header
 
 const uint8_t* U8(std::string_view s) { return reinterpret_cast<const uint8_t*>(s.data()); }
 
@@ -90,8 +90,7 @@ Status ParseRecordHeader(const uint8_t* p, RecordHeader* h, const std::string& p
     return Status::Corruption(prefix + "block payload length " + std::to_string(h->payload_len) +
                               " exceeds the maximum " + std::to_string(kMaxBlockSize));
   }
-  if (h->compression == static_cast<uint8_t>(Compression::kNone) &&
-      h->payload_len != h->raw_len) {
+  if (h->compression == static_cast<uint8_t>(Compression::kNone) && h->payload_len != h->raw_len) {
     return Status::Corruption(prefix + "uncompressed block with payload length " +
                               std::to_string(h->payload_len) + " != raw length " +
                               std::to_string(h->raw_len));
@@ -200,15 +199,14 @@ Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
                               ", expected " + expected->Hex());
   }
   std::span<const uint8_t> payload(U8(record) + kBlockRecordHeaderSize, h.payload_len);
-  return Decompress(static_cast<Compression>(h.compression), payload, h.raw_len, plaintext,
-                    what);
+  return Decompress(static_cast<Compression>(h.compression), payload, h.raw_len, plaintext, what);
 }
 
 Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
                               const std::string& what) {
   if (record.size() < kBlockRecordHeaderSize) {
-    return Status::Corruption(what + ": block record header truncated: " +
-                              std::to_string(record.size()) + " bytes");
+    return Status::Corruption(
+        what + ": block record header truncated: " + std::to_string(record.size()) + " bytes");
   }
   RecordHeader h;
   RETURN_IF_ERROR(ParseRecordHeader(U8(record), &h, what + ": "));
@@ -246,8 +244,8 @@ Status ForEachBlockRecord(
   }
   uint64_t id = DecodeU64(p + 16);
   if (id != expected_id) {
-    return Status::Corruption(At(what, 16) + "container id " + std::to_string(id) +
-                              ", expected " + std::to_string(expected_id));
+    return Status::Corruption(At(what, 16) + "container id " + std::to_string(id) + ", expected " +
+                              std::to_string(expected_id));
   }
 
   // Trailer, before any record, so that a truncated container calls no fn.
@@ -278,8 +276,7 @@ Status ForEachBlockRecord(
       return Status::Corruption(prefix + "block record header runs into the trailer");
     }
     uint32_t payload_len = DecodeU32(p + pos + 8);
-    if (payload_len > kMaxBlockSize ||
-        trailer_at - pos - kBlockRecordHeaderSize < payload_len) {
+    if (payload_len > kMaxBlockSize || trailer_at - pos - kBlockRecordHeaderSize < payload_len) {
       return Status::Corruption(prefix + "block record of payload length " +
                                 std::to_string(payload_len) + " runs past the trailer");
     }

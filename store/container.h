@@ -30,9 +30,9 @@ constexpr size_t kMaxContainerSize = 64u << 20;  // maps onto one RADOS object
 constexpr uint32_t kMaxBlockSize = 1u << 20;
 
 struct BlockRecordInfo {
-  uint32_t offset = 0;        // of the record in the container
-  uint32_t record_len = 0;    // header + payload
-  uint32_t raw_len = 0;       // plaintext length
+  uint32_t offset = 0;      // of the record in the container
+  uint32_t record_len = 0;  // header + payload
+  uint32_t raw_len = 0;     // plaintext length
   Compression compression = Compression::kNone;
   Fingerprint fingerprint;
 };
@@ -75,7 +75,8 @@ class ContainerWriter {
 Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
                          std::string* plaintext, const std::string& what);
 // Parses only a record's header (checksum of the header is verified together
-// with the payload, so this is for listing, not trusting).
+// with the payload, so this is for listing, not trusting). Checks the fields'
+// bounds; `info->offset` is left 0 (unknown here).
 Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
                               const std::string& what);
 
@@ -85,8 +86,8 @@ Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
 // container calls `fn` never; a corrupt record stops the walk with Corruption
 // after `fn` has seen the records before it. Payloads are not decompressed.
 // `fn` may return a non-OK Status to stop; that Status is returned.
-Status ForEachBlockRecord(std::string_view container, uint64_t expected_id,
-                          const std::string& what,
-                          const std::function<Status(const BlockRecordInfo&, std::string_view record)>& fn);
+Status ForEachBlockRecord(
+    std::string_view container, uint64_t expected_id, const std::string& what,
+    const std::function<Status(const BlockRecordInfo&, std::string_view record)>& fn);
 
 }  // namespace vmdedup

@@ -32,10 +32,13 @@ Status InjectedError(FaultPlan::Kind kind, const std::string& what) {
   switch (kind) {
     case FaultPlan::Kind::kNoSpace:
       return Status::NoSpace(what + ": injected: No space left on device");
-    case FaultPlan::Kind::kShortWrite: return Status::IOError(what + ": injected: short write");
-    case FaultPlan::Kind::kCrash: return Status::IOError(what + ": injected: process crashed");
+    case FaultPlan::Kind::kShortWrite:
+      return Status::IOError(what + ": injected: short write");
+    case FaultPlan::Kind::kCrash:
+      return Status::IOError(what + ": injected: process crashed");
     case FaultPlan::Kind::kIOError:
-    case FaultPlan::Kind::kNone: break;
+    case FaultPlan::Kind::kNone:
+      break;
   }
   return Status::IOError(what + ": injected: Input/output error");
 }

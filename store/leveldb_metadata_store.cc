@@ -42,10 +42,7 @@ class LevelDbMetadataStore final : public MetadataStore {
  public:
   LevelDbMetadataStore(std::string path, std::unique_ptr<leveldb::Cache> cache,
                        std::unique_ptr<const leveldb::FilterPolicy> filter, leveldb::DB* db)
-      : path_(std::move(path)),
-        cache_(std::move(cache)),
-        filter_(std::move(filter)),
-        db_(db) {}
+      : path_(std::move(path)), cache_(std::move(cache)), filter_(std::move(filter)), db_(db) {}
   // The DB goes first: it uses the cache and the filter policy until closed.
   ~LevelDbMetadataStore() override { db_.reset(); }
 

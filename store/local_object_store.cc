@@ -61,8 +61,8 @@ Status ValidateRelativePath(const std::string& name) {
   size_t start = 0;
   while (true) {
     size_t slash = name.find('/', start);
-    std::string_view comp =
-        std::string_view(name).substr(start, slash == std::string::npos ? name.npos : slash - start);
+    std::string_view comp = std::string_view(name).substr(
+        start, slash == std::string::npos ? name.npos : slash - start);
     if (comp.empty() || comp == "." || comp == "..") {
       return Status::InvalidArgument("bad object name: \"" + name + "\"");
     }
@@ -80,13 +80,20 @@ Status ValidateObjectName(const std::string& name) {
   return Status::OK();
 }
 
+// Errors of the write path. ENOENT there means a directory vanished or the
+// root could not be created: an I/O problem, not a missing object.
+Status WriteError(int err, const std::string& what) {
+  if (err == ENOENT) return Status::IOError(what + ": " + std::strerror(err));
+  return Status::FromErrno(err, what);
+}
+
 // fsyncs a directory so that entries created, renamed or removed in it are
 // durable. Filesystems that cannot sync directories (EINVAL) are accepted.
 Status SyncDir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status::FromErrno(errno, "open directory " + dir);
+  if (fd < 0) return WriteError(errno, "open directory " + dir);
   FdCloser closer(fd);
-  if (::fsync(fd) != 0 && errno != EINVAL) return Status::FromErrno(errno, "fsync " + dir);
+  if (::fsync(fd) != 0 && errno != EINVAL) return WriteError(errno, "fsync " + dir);
   return Status::OK();
 }
 
@@ -104,7 +111,7 @@ Status MakeDirs(const std::string& root, const std::string& rel_dir) {
     if (::mkdir(path.c_str(), 0755) == 0) {
       RETURN_IF_ERROR(SyncDir(parent));
     } else if (errno != EEXIST) {
-      return Status::FromErrno(errno, "mkdir " + path);
+      return WriteError(errno, "mkdir " + path);
     }
   }
   return Status::OK();
@@ -180,7 +187,7 @@ class LocalObjectStore final : public ObjectStore {
  public:
   explicit LocalObjectStore(std::string root) : root_(std::move(root)) {
     while (root_.size() > 1 && root_.back() == '/') root_.pop_back();
-    // Errors surface on first use; Put reports a missing root precisely.
+    // Errors surface on first use, as IOError from Put.
     (void)MakeRoot(root_);
   }
 
@@ -193,16 +200,23 @@ class LocalObjectStore final : public ObjectStore {
       dir += "/" + name.substr(0, slash);
     }
     std::string final_path = Path(name);
-    std::string tmp_path = final_path + std::string(kTempMarker) + std::to_string(::getpid()) +
-                           "." + std::to_string(counter_.fetch_add(1));
-    int fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) return Status::FromErrno(errno, "create " + tmp_path);
+    std::string tmp_path;
+    int fd = -1;
+    // A leftover of an earlier process with our PID (after a reboot) may hold
+    // a name: take the next counter.
+    for (int attempt = 0; fd < 0 && attempt < 100; attempt++) {
+      tmp_path = final_path + std::string(kTempMarker) + std::to_string(::getpid()) + "." +
+                 std::to_string(counter_.fetch_add(1));
+      fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+      if (fd < 0 && errno != EEXIST) break;
+    }
+    if (fd < 0) return WriteError(errno, "create " + tmp_path);
     FdCloser closer(fd);
     Status st = WriteAll(fd, data.data(), data.size(), tmp_path);
-    if (st.ok() && ::fsync(fd) != 0) st = Status::FromErrno(errno, "fsync " + tmp_path);
-    if (st.ok() && closer.Close() != 0) st = Status::FromErrno(errno, "close " + tmp_path);
+    if (st.ok() && ::fsync(fd) != 0) st = WriteError(errno, "fsync " + tmp_path);
+    if (st.ok() && closer.Close() != 0) st = WriteError(errno, "close " + tmp_path);
     if (st.ok() && ::rename(tmp_path.c_str(), final_path.c_str()) != 0) {
-      st = Status::FromErrno(errno, "rename " + tmp_path + " to " + final_path);
+      st = WriteError(errno, "rename " + tmp_path + " to " + final_path);
     }
     if (!st.ok()) {
       closer.Close();
@@ -240,9 +254,9 @@ class LocalObjectStore final : public ObjectStore {
     if (!S_ISREG(sb.st_mode)) return Status::NotFound("object " + name + ": not a file");
     uint64_t size = static_cast<uint64_t>(sb.st_size);
     if (offset > size || length > size - offset) {
-      return Status::Corruption("object " + name + " truncated: range [" +
-                                std::to_string(offset) + ", +" + std::to_string(length) +
-                                ") past its size " + std::to_string(size));
+      return Status::Corruption("object " + name + " truncated: range [" + std::to_string(offset) +
+                                ", +" + std::to_string(length) + ") past its size " +
+                                std::to_string(size));
     }
     out->resize(length);
     Status st = PreadAll(fd, offset, length, out->data(), name, size);

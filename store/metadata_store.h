@@ -50,8 +50,9 @@ class MetadataStore {
   // Calls `fn` for every key starting with `prefix`, in key order, until it
   // returns false. A consistent view as of the call; `fn` may call into the
   // store (its writes are not seen by this scan).
-  virtual Status Scan(std::string_view prefix,
-                      const std::function<bool(std::string_view key, std::string_view value)>& fn) = 0;
+  virtual Status Scan(
+      std::string_view prefix,
+      const std::function<bool(std::string_view key, std::string_view value)>& fn) = 0;
   // Bytes the store occupies on its medium (approximate).
   virtual uint64_t ApproximateBytes() = 0;
 };

@@ -45,9 +45,9 @@ class ObjectStore {
   // Get and List and hold space until removed; `check` reports them as
   // reclaimable. A backend whose Put cannot leave any has none (the default).
   struct Temporary {
-    std::string name;            // as RemoveTemporary takes it ("vms/a/x.ctr.tmp.812.3")
+    std::string name;  // as RemoveTemporary takes it ("vms/a/x.ctr.tmp.812.3")
     uint64_t bytes = 0;
-    int64_t age_seconds = 0;     // since last modification
+    int64_t age_seconds = 0;           // since last modification
     bool writer_may_be_alive = false;  // its writer may still be writing it
   };
   // Temporaries whose name starts with `prefix`, sorted by name.

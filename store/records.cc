@@ -178,8 +178,8 @@ Status DecodeSnapshot(std::string_view key, std::string_view value, SnapshotReco
   std::string_view body;
   RETURN_IF_ERROR(Open(key, value, kSnapshot, &body));
   ByteReader in(body, "snapshot record '" + std::string(key) + "'");
-  uint64_t time;
-  uint8_t kind;
+  uint64_t time = 0;
+  uint8_t kind = 0;
   RETURN_IF_ERROR(in.String(&r->vm));
   RETURN_IF_ERROR(in.String(&r->disk));
   RETURN_IF_ERROR(in.Varint(&r->seq));
@@ -218,13 +218,13 @@ Status DecodeSegmentList(std::string_view key, std::string_view value, std::vect
   std::string_view body;
   RETURN_IF_ERROR(Open(key, value, kSegmentList, &body));
   ByteReader in(body, "segment list '" + std::string(key) + "'");
-  uint64_t n;
+  uint64_t n = 0;
   RETURN_IF_ERROR(in.Varint(&n));
   if (n > body.size()) return Status::Corruption(in.what() + ": count exceeds record size");
   ids->clear();
   ids->reserve(n);
   for (uint64_t i = 0; i < n; i++) {
-    uint64_t id;
+    uint64_t id = 0;
     RETURN_IF_ERROR(in.Varint(&id));
     ids->push_back(id);
   }
@@ -252,7 +252,7 @@ Status DecodeSegmentRecipe(std::string_view key, std::string_view value, Segment
   std::string_view body;
   RETURN_IF_ERROR(Open(key, value, kSegmentRecipe, &body));
   ByteReader in(body, "segment recipe '" + std::string(key) + "'");
-  uint64_t n;
+  uint64_t n = 0;
   RETURN_IF_ERROR(in.Varint(&r->id));
   RETURN_IF_ERROR(GetVarintAs(in, &r->length));
   RETURN_IF_ERROR(in.Varint(&n));
@@ -262,7 +262,7 @@ Status DecodeSegmentRecipe(std::string_view key, std::string_view value, Segment
   uint64_t total = 0;
   for (uint64_t i = 0; i < n; i++) {
     BlockRef b;
-    uint8_t kind;
+    uint8_t kind = 0;
     RETURN_IF_ERROR(in.U8(&kind));
     if (kind > static_cast<uint8_t>(BlockKind::kCds))
       return Status::Corruption(in.what() + ": unknown block kind " + std::to_string(kind));
@@ -334,7 +334,7 @@ Status DecodeVmInfo(std::string_view key, std::string_view value, std::string* v
   std::string_view body;
   RETURN_IF_ERROR(Open(key, value, kVmInfo, &body));
   ByteReader in(body, "VM record '" + std::string(key) + "'");
-  uint64_t c;
+  uint64_t c = 0;
   RETURN_IF_ERROR(in.String(vm));
   RETURN_IF_ERROR(in.U64(&c));
   *created = static_cast<int64_t>(c);

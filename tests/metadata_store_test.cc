@@ -93,8 +93,8 @@ TEST_P(MetadataStoreContractTest, BatchAppliesInOrder) {
 TEST_P(MetadataStoreContractTest, ScanOrderAndPrefixBounds) {
   WriteBatch b;
   // Keys around the prefix "seg/" boundaries: "seg." < "seg/" < "seg0".
-  for (const char* k : {"seg/b", "seg.", "seg/a", "seg0", "seg/", "seg/a/x", "se", "snap/1",
-                        "seg/\xff"}) {
+  for (const char* k :
+       {"seg/b", "seg.", "seg/a", "seg0", "seg/", "seg/a/x", "se", "snap/1", "seg/\xff"}) {
     b.Put(k, std::string("v:") + k);
   }
   ASSERT_TRUE(store_->Write(b, true).ok());

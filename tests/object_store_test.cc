@@ -157,13 +157,30 @@ TEST(LocalObjectStoreTest, ConcurrentPutsOfDistinctObjects) {
   EXPECT_EQ(got, RandomBytes(1007, 207));
 }
 
+TEST(LocalObjectStoreTest, StaleTemporaryWithOurPidDoesNotBlockPut) {
+  // After a reboot a new process may get the PID of a crashed writer.
+  ScratchDir dir;
+  ASSERT_EQ(::mkdir(dir.Sub("d").c_str(), 0755), 0);
+  for (int i = 0; i < 5; i++) {
+    WriteFile(dir.Sub("d/obj.tmp." + std::to_string(getpid()) + "." + std::to_string(i)), "old");
+  }
+  auto store = NewLocalObjectStore(dir.path());
+  ASSERT_TRUE(store->Put("d/obj", Bytes(std::string("new"))).ok());
+  std::string got;
+  ASSERT_TRUE(store->Get("d/obj", &got).ok());
+  EXPECT_EQ(got, "new");
+  std::vector<ObjectStore::Temporary> temps;
+  ASSERT_TRUE(store->ListTemporary("", &temps).ok());
+  EXPECT_EQ(temps.size(), 5u);  // left for check to report, untouched
+}
+
 TEST(LocalObjectStoreTest, ListIsRecursiveSortedAndPrefixed) {
   ScratchDir dir;
   auto store = NewLocalObjectStore(dir.path());
   // Byte order puts "a.x" before "a/b" ('.' < '/'), whatever the directory
   // walk order is.
-  for (const char* n : {"vms/b/data/2", "vms/a/data/1", "a/b", "a.x", "vms/a/meta", "cds/0",
-                        "vms/ab/data/0"}) {
+  for (const char* n :
+       {"vms/b/data/2", "vms/a/data/1", "a/b", "a.x", "vms/a/meta", "cds/0", "vms/ab/data/0"}) {
     ASSERT_TRUE(store->Put(n, Bytes(std::string(n))).ok()) << n;
   }
   std::vector<std::string> names;

@@ -1,0 +1,327 @@
+// End-to-end tests of `vmdedup backup/restore/check/snapshots` on qcow2 and
+// raw images, with the real qemu-img, qemu-io and qemu-nbd: incremental reads
+// through vmdedup's own dirty bitmap, discards, fallbacks to a full read when
+// the bitmap is missing or inconsistent, and clear errors for bad input.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "tests/test_util.h"
+
+namespace vmdedup::testing {
+namespace {
+
+constexpr uint64_t kMiB = 1 << 20;
+
+class BackupImageTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    repo_ = dir_.Sub("repo");
+    image_ = dir_.Sub("disk.qcow2");
+    auto r = Vmdedup({"init", repo_, "--chunker", chunker_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+
+  CommandResult Vmdedup(std::vector<std::string> args) {
+    args.insert(args.begin(), VmdedupBinary());
+    return RunCommand(args);
+  }
+
+  // Makes a qcow2 image of `size` whose first `data` bytes are random.
+  void MakeImage(uint64_t size, uint64_t data, uint64_t seed) {
+    std::string raw = dir_.Sub("seed.raw");
+    {
+      std::ofstream out(raw, std::ios::binary | std::ios::trunc);
+      std::string bytes = RandomBytes(data, seed);
+      out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    }
+    ASSERT_EQ(truncate(raw.c_str(), static_cast<off_t>(size)), 0);
+    auto r = RunCommand({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    unlink(raw.c_str());
+  }
+
+  void QemuIo(const std::vector<std::string>& cmds) {
+    std::vector<std::string> argv = {"qemu-io", "-f", "qcow2"};
+    for (const auto& c : cmds) {
+      argv.push_back("-c");
+      argv.push_back(c);
+    }
+    argv.push_back(image_);
+    auto r = RunCommand(argv);
+    ASSERT_EQ(r.exit_code, 0) << r.err << r.out;
+  }
+
+  // SHA-256 of the image's guest-visible content.
+  std::string ImageSha() {
+    std::string raw = dir_.Sub("current.raw");
+    unlink(raw.c_str());
+    auto r = RunCommand({"qemu-img", "convert", "-O", "raw", image_, raw});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::string sha = FileSha256(raw);
+    unlink(raw.c_str());
+    return sha;
+  }
+
+  nlohmann::json Backup(const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args = {"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda",
+                                     "--json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    args.push_back("file:" + image_);
+    auto r = Vmdedup(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    if (r.exit_code != 0) return {};
+    last_note_ = r.err;
+    return nlohmann::json::parse(r.out);
+  }
+
+  std::string RestoreSha(const std::string& snapshot) {
+    std::string out = dir_.Sub("restored.raw");
+    auto r = Vmdedup({"restore", "-r", repo_, snapshot, "--to", out, "--force"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::string sha = FileSha256(out);
+    unlink(out.c_str());
+    return sha;
+  }
+
+  void ExpectCheckClean() {
+    auto r = Vmdedup({"check", "-r", repo_, "--read-data", "--json"});
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    EXPECT_TRUE(j["ok"].get<bool>()) << r.out;
+  }
+
+  static void ExpectLevelsAddUp(const nlohmann::json& s) {
+    EXPECT_EQ(s["zero"].get<uint64_t>() + s["segment"].get<uint64_t>() +
+                  s["block"].get<uint64_t>() + s["cds"].get<uint64_t>() +
+                  s["new"].get<uint64_t>(),
+              s["size"].get<uint64_t>())
+        << s.dump();
+  }
+
+  std::string chunker_ = "fixed";
+  ScratchDir dir_;
+  std::string repo_, image_;
+  std::string last_note_;
+};
+
+TEST_F(BackupImageTest, IncrementalReadsOnlyDirtyExtentsAndRestoresEverySnapshot) {
+  MakeImage(64 * kMiB, 24 * kMiB, 1);
+  std::vector<std::string> shas = {ImageSha()};
+  auto s1 = Backup();
+  EXPECT_NE(last_note_.find("full: first backup"), std::string::npos) << last_note_;
+  EXPECT_EQ(s1["read_bytes"].get<uint64_t>(), 24 * kMiB);
+  EXPECT_EQ(s1["new"].get<uint64_t>(), 24 * kMiB);
+  ExpectLevelsAddUp(s1);
+
+  // Three chained incrementals, each with writes and a discard.
+  const std::vector<std::vector<std::string>> rounds = {
+      {"write -P 0x11 1M 64k", "write -P 0x12 5M 128k", "write -P 0x13 40M 64k"},
+      {"write -P 0x21 2M 64k", "discard 8M 1M"},
+      {"write -P 0x31 0 64k", "write -P 0x32 63M 64k", "write -P 0x33 12M 192k"},
+  };
+  const std::vector<uint64_t> dirty_data = {256 * 1024, 64 * 1024, 320 * 1024};
+  for (size_t i = 0; i < rounds.size(); i++) {
+    QemuIo(rounds[i]);
+    shas.push_back(ImageSha());
+    auto s = Backup();
+    EXPECT_NE(last_note_.find("incremental"), std::string::npos) << last_note_;
+    EXPECT_EQ(s["parent"].get<std::string>(), "vm1/vda/" + std::to_string(i + 1));
+    // Only the dirty extents that hold data are read: a discarded range is
+    // reported as zero by base:allocation and is not read.
+    EXPECT_EQ(s["read_bytes"].get<uint64_t>(), dirty_data[i]) << s.dump();
+    EXPECT_LE(s["new"].get<uint64_t>(), dirty_data[i]);
+    ExpectLevelsAddUp(s);
+  }
+  for (size_t i = 0; i < shas.size(); i++)
+    EXPECT_EQ(RestoreSha("vm1/vda/" + std::to_string(i + 1)), shas[i]) << "snapshot " << i + 1;
+  EXPECT_EQ(RestoreSha("vm1/vda/latest"), shas.back());
+
+  // The discarded range restores as zeros.
+  std::string out = dir_.Sub("r3.raw");
+  ASSERT_EQ(Vmdedup({"restore", "-r", repo_, "vm1/vda/3", "--to", out}).exit_code, 0);
+  std::ifstream in(out, std::ios::binary);
+  in.seekg(8 * kMiB);
+  std::string buf(kMiB, 'x');
+  in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+  EXPECT_EQ(buf, std::string(kMiB, '\0'));
+  ExpectCheckClean();
+}
+
+TEST_F(BackupImageTest, MissingBitmapFallsBackToFullReadButStoresOnlyChanges) {
+  MakeImage(32 * kMiB, 16 * kMiB, 2);
+  auto s1 = Backup();
+  QemuIo({"write -P 0x44 3M 64k"});
+  // Someone removes vmdedup's bitmap.
+  auto info = RunCommand({"qemu-img", "info", "--output=json", image_});
+  auto bitmaps = nlohmann::json::parse(info.out)["format-specific"]["data"]["bitmaps"];
+  ASSERT_EQ(bitmaps.size(), 1u) << info.out;
+  std::string name = bitmaps[0]["name"].get<std::string>();
+  EXPECT_EQ(name.rfind("vmdedup.", 0), 0u);
+  ASSERT_EQ(RunCommand({"qemu-img", "bitmap", "--remove", image_, name}).exit_code, 0);
+  std::string sha = ImageSha();
+  auto s2 = Backup();
+  EXPECT_NE(last_note_.find("full: bitmap " + name + " is missing"), std::string::npos) << last_note_;
+  EXPECT_EQ(s2["read_bytes"].get<uint64_t>(), 16 * kMiB);
+  EXPECT_LE(s2["new"].get<uint64_t>(), 64u * 1024);  // level 2 keeps storage small
+  EXPECT_EQ(RestoreSha("vm1/vda/2"), sha);
+  // And the next one is incremental again.
+  QemuIo({"write -P 0x45 4M 64k"});
+  auto s3 = Backup();
+  EXPECT_NE(last_note_.find("incremental"), std::string::npos) << last_note_;
+  EXPECT_EQ(s3["read_bytes"].get<uint64_t>(), 64u * 1024);
+  ExpectCheckClean();
+}
+
+TEST_F(BackupImageTest, InconsistentBitmapAfterCrashedWriterFallsBackToFullRead) {
+  MakeImage(32 * kMiB, 8 * kMiB, 3);
+  Backup();
+  // A writer opens the image (which marks the persistent bitmap in-use),
+  // writes, and crashes without closing it.
+  auto w = RunCommand({"qemu-io", "-f", "qcow2", "-c", "write -P 0x55 5M 64k", "-c", "abort", image_});
+  ASSERT_EQ(w.exit_code, 128 + SIGABRT) << w.err;
+  auto info = RunCommand({"qemu-img", "info", "--output=json", image_});
+  ASSERT_NE(info.out.find("in-use"), std::string::npos) << info.out;
+  std::string sha = ImageSha();
+  auto s2 = Backup();
+  EXPECT_NE(last_note_.find("inconsistent"), std::string::npos) << last_note_;
+  EXPECT_EQ(s2["read_bytes"].get<uint64_t>(), 8 * kMiB);
+  EXPECT_EQ(RestoreSha("vm1/vda/2"), sha);
+  QemuIo({"write -P 0x46 6M 64k"});
+  auto s3 = Backup();
+  EXPECT_NE(last_note_.find("incremental"), std::string::npos) << last_note_;
+  EXPECT_EQ(s3["read_bytes"].get<uint64_t>(), 64u * 1024);
+  ExpectCheckClean();
+}
+
+TEST_F(BackupImageTest, RawImageIsReadFullyEveryTimeAndDedupedAtBlockLevel) {
+  std::string raw = dir_.Sub("disk.raw");
+  {
+    std::ofstream out(raw, std::ios::binary);
+    std::string bytes = RandomBytes(6 * kMiB, 4);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  ASSERT_EQ(truncate(raw.c_str(), 16 * kMiB), 0);
+  auto r1 = Vmdedup({"backup", "-r", repo_, "--vm", "raw", "--json", "file:" + raw});
+  ASSERT_EQ(r1.exit_code, 0) << r1.err;
+  EXPECT_NE(r1.err.find("full: raw images have no dirty bitmap"), std::string::npos) << r1.err;
+  {
+    std::fstream f(raw, std::ios::binary | std::ios::in | std::ios::out);
+    f.seekp(1 * kMiB);
+    std::string bytes = RandomBytes(8192, 5);
+    f.write(bytes.data(), 8192);
+  }
+  auto r2 = Vmdedup({"backup", "-r", repo_, "--vm", "raw", "--json", "file:" + raw});
+  ASSERT_EQ(r2.exit_code, 0) << r2.err;
+  auto s2 = nlohmann::json::parse(r2.out);
+  EXPECT_EQ(s2["disk"].get<std::string>(), "disk0");
+  EXPECT_EQ(s2["new"].get<uint64_t>(), 8192u);
+  EXPECT_EQ(s2["block"].get<uint64_t>(), 6 * kMiB - 8192);
+  EXPECT_EQ(RestoreSha("raw/disk0/2"), FileSha256(raw));
+  ExpectCheckClean();
+}
+
+TEST_F(BackupImageTest, QcowRestoreMatchesOriginal) {
+  MakeImage(16 * kMiB, 4 * kMiB, 6);
+  Backup();
+  std::string out = dir_.Sub("restored.qcow2");
+  auto r = Vmdedup({"restore", "-r", repo_, "vm1/vda/1", "--to", out, "--format", "qcow2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto cmp = RunCommand({"qemu-img", "compare", image_, out});
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
+}
+
+TEST_F(BackupImageTest, BadInputGivesClearErrors) {
+  MakeImage(8 * kMiB, 1 * kMiB, 7);
+  // Missing image: names the file.
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "file:" + dir_.Sub("nope.qcow2")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("nope.qcow2"), std::string::npos) << r.err;
+  // Not a repository.
+  r = Vmdedup({"snapshots", "-r", dir_.Sub("norepo")});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("vmdedup init"), std::string::npos) << r.err;
+  // Bad VM name.
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "a/b", "file:" + image_});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("may only contain"), std::string::npos) << r.err;
+  // Unknown source kind.
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "ftp://host/x"});
+  EXPECT_EQ(r.exit_code, 2);
+  // Unknown snapshot.
+  Backup();
+  r = Vmdedup({"restore", "-r", repo_, "vm1/vda/9", "--to", dir_.Sub("o.raw")});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("vm1/vda/9 does not exist"), std::string::npos) << r.err;
+  // Refuses to overwrite without --force, and leaves the file alone.
+  std::string existing = dir_.Sub("existing.raw");
+  { std::ofstream(existing) << "keep me"; }
+  r = Vmdedup({"restore", "-r", repo_, "vm1/vda/1", "--to", existing});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--force"), std::string::npos) << r.err;
+  std::ifstream in(existing);
+  std::string content;
+  std::getline(in, content);
+  EXPECT_EQ(content, "keep me");
+  // Truncated image file.
+  std::string broken = dir_.Sub("broken.qcow2");
+  ASSERT_EQ(RunCommand({"cp", image_, broken}).exit_code, 0);
+  ASSERT_EQ(truncate(broken.c_str(), 1000), 0);
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "file:" + broken});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("broken.qcow2"), std::string::npos) << r.err;
+}
+
+TEST_F(BackupImageTest, SecondBackupOfSameVmIsRefusedByTheLock) {
+  MakeImage(8 * kMiB, 1 * kMiB, 8);
+  Backup();
+  // Hold the VM's lock the way a running backup does (flock is per open file,
+  // so this process holding it blocks the vmdedup child).
+  std::string lock = repo_ + "/vms/vm1/lock";
+  int fd = open(lock.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(flock(fd, LOCK_EX), 0);
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "file:" + image_});
+  EXPECT_EQ(r.exit_code, 4);
+  EXPECT_NE(r.err.find("locked"), std::string::npos) << r.err;
+  // Readers are not blocked by the backup lock itself.
+  EXPECT_EQ(Vmdedup({"snapshots", "-r", repo_}).exit_code, 0);
+  close(fd);
+  auto again = Backup();
+  EXPECT_EQ(again["seq"].get<uint64_t>(), 2u);
+  ExpectCheckClean();
+}
+
+class BackupImageCdcTest : public BackupImageTest {
+ protected:
+  BackupImageCdcTest() { chunker_ = "cdc"; }
+};
+
+TEST_F(BackupImageCdcTest, IncrementalWithContentDefinedBlocks) {
+  MakeImage(32 * kMiB, 16 * kMiB, 9);
+  std::vector<std::string> shas = {ImageSha()};
+  auto s1 = Backup();
+  EXPECT_EQ(s1["chunker"].get<std::string>(), "cdc");
+  QemuIo({"write -P 0x51 3M 64k", "write -P 0x52 9M 64k"});
+  shas.push_back(ImageSha());
+  auto s2 = Backup();
+  // Rebuilt ranges grow to the parent's block boundaries: at most one
+  // maximum-size block (16 KiB) on each side of each dirty extent.
+  uint64_t read = s2["read_bytes"].get<uint64_t>();
+  EXPECT_GE(read, 128u * 1024);
+  EXPECT_LE(read, 128u * 1024 + 4 * 16384);
+  EXPECT_LE(s2["new"].get<uint64_t>(), read);
+  EXPECT_EQ(RestoreSha("vm1/vda/1"), shas[0]);
+  EXPECT_EQ(RestoreSha("vm1/vda/2"), shas[1]);
+  ExpectCheckClean();
+}
+
+}  // namespace
+}  // namespace vmdedup::testing
