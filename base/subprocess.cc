@@ -100,9 +100,10 @@ std::optional<std::string> FindProgram(const std::string& name) {
   while (pos <= path.size()) {
     size_t colon = path.find(':', pos);
     if (colon == std::string::npos) colon = path.size();
-    std::string dir = path.substr(pos, colon - pos);
-    if (dir.empty()) dir = ".";
-    std::string candidate = dir + "/" + name;
+    // An empty PATH entry means the current directory.
+    std::string candidate = colon > pos ? path.substr(pos, colon - pos) : std::string(".");
+    candidate.push_back('/');
+    candidate.append(name);
     if (IsExecutableFile(candidate)) return candidate;
     pos = colon + 1;
   }

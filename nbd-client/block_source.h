@@ -40,6 +40,7 @@ struct Extent {
   static constexpr uint32_t kHole = 1;
   static constexpr uint32_t kZero = 2;
   static constexpr uint32_t kDirty = 1;
+  bool operator==(const Extent&) const = default;
 };
 
 struct ReadRequest {
@@ -65,7 +66,8 @@ class BlockSource {
   // Reads every request (each fully) with many in flight, split into pieces
   // of at most 4 MiB (or the server's maximum); any failure fails the whole
   // call with IOError naming the offset. InvalidArgument for a request
-  // beyond size(), over 32 MiB or without a buffer.
+  // beyond size(), over 32 MiB or without a buffer. After a failure the
+  // buffers' contents are undefined (libnbd does not pre-zero them).
   virtual Status ReadMany(std::span<const ReadRequest> requests) = 0;
   // "nbd+unix:///?socket=..." or "file:/path/disk.qcow2 (qcow2)", for messages.
   virtual std::string Describe() const = 0;

@@ -254,10 +254,11 @@ class NbdBlockSource final : public BlockSource {
     }
     if (!submit_error.ok()) return submit_error;
     if (batch.error != 0) {
-      return Status::IOError(config_.describe + ": read at offset " +
-                             std::to_string(batch.error_offset) + " (" +
-                             std::to_string(batch.error_length) +
-                             " bytes) failed: " + std::strerror(batch.error) + ServerStderr());
+      Status alive = CheckAlive();
+      return Status::IOError(
+          config_.describe + ": read at offset " + std::to_string(batch.error_offset) + " (" +
+          std::to_string(batch.error_length) + " bytes) failed: " + std::strerror(batch.error) +
+          (alive.ok() ? ServerStderr() : " (" + dead_reason_ + ")"));
     }
     return Status::OK();
   }
@@ -355,8 +356,10 @@ class NbdBlockSource final : public BlockSource {
       }
       if (cmd.error != 0) {
         out->clear();
+        Status alive = CheckAlive();
         return Status::IOError(config_.describe + ": block status " + what +
-                               " failed: " + std::strerror(cmd.error) + ServerStderr());
+                               " failed: " + std::strerror(cmd.error) +
+                               (alive.ok() ? ServerStderr() : " (" + dead_reason_ + ")"));
       }
       uint64_t p = pos;
       for (const auto& [len, flags] : cmd.entries) {
@@ -409,9 +412,14 @@ class NbdBlockSource final : public BlockSource {
     return st;
   }
 
-  Status CheckAlive() const {
+  // Fails when the connection is gone (closing a handle that died since).
+  Status CheckAlive() {
+    if (h_ != nullptr && (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1)) {
+      dead_reason_ = "the server closed the connection" + ServerStderr();
+      Close(/*graceful=*/false);
+    }
     if (h_ == nullptr) {
-      return Status::IOError(config_.describe + ": connection lost earlier: " + dead_reason_);
+      return Status::IOError(config_.describe + ": connection lost: " + dead_reason_);
     }
     return Status::OK();
   }
@@ -516,7 +524,7 @@ bool ValidFormat(const std::string& format) {
 Status QemuNbdStartError(const ImageFileOptions& options, const std::string& qemu_msg,
                          const std::string& nbd_error) {
   const std::string& path = options.path;
-  const std::string detail = qemu_msg.empty() ? nbd_error : "qemu-nbd: " + qemu_msg;
+  const std::string detail = qemu_msg.empty() ? nbd_error : qemu_msg;
   if (Contains(qemu_msg, "Failed to get") && Contains(qemu_msg, "lock")) {
     return Status::Busy("image " + path +
                         " is in use by another process (a running VM?); cannot serve it "
@@ -550,6 +558,29 @@ Status QemuNbdStartError(const ImageFileOptions& options, const std::string& qem
   return Status::IOError("cannot serve image " + path + " with qemu-nbd: " + detail);
 }
 
+// Drives an aio connect to the end of the handshake. A server that accepts
+// but never answers (qemu-nbd busy with its one allowed client) fails after
+// `timeout_seconds` (0: wait forever). Returns the libnbd error text.
+Status WaitConnected(nbd_handle* h, unsigned timeout_seconds) {
+  const int64_t deadline = timeout_seconds > 0 ? NowMs() + int64_t{timeout_seconds} * 1000 : -1;
+  for (;;) {
+    if (nbd_aio_is_ready(h) == 1) return Status::OK();
+    if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
+      return Status::IOError("connection closed during the handshake");
+    }
+    int timeout = -1;
+    if (deadline >= 0) {
+      int64_t left = deadline - NowMs();
+      if (left <= 0) {
+        return Status::IOError("no handshake from the server in " +
+                               std::to_string(timeout_seconds) + " s");
+      }
+      timeout = static_cast<int>(std::min<int64_t>(left, 60000));
+    }
+    if (nbd_poll(h, timeout) < 0) return Status::IOError(LastNbdError());
+  }
+}
+
 }  // namespace
 
 Result<std::unique_ptr<BlockSource>> OpenNbdUri(const NbdUriOptions& options) {
@@ -559,10 +590,12 @@ Result<std::unique_ptr<BlockSource>> OpenNbdUri(const NbdUriOptions& options) {
   config.bitmap = options.bitmap;
   config.max_in_flight = options.max_in_flight;
   config.io_timeout_seconds = options.io_timeout_seconds;
-  if (nbd_connect_uri(h, options.uri.c_str()) != 0) {
-    Status st = Status::IOError("cannot connect to " + options.uri + ": " + LastNbdError());
+  Status connected = nbd_aio_connect_uri(h, options.uri.c_str()) == 0
+                         ? WaitConnected(h, options.io_timeout_seconds)
+                         : Status::IOError(LastNbdError());
+  if (!connected.ok()) {
     nbd_close(h);
-    return st;
+    return connected.WithContext("cannot connect to " + options.uri);
   }
   auto source = std::make_unique<NbdBlockSource>(h, std::move(config));
   RETURN_IF_ERROR(source->Init());
@@ -609,13 +642,15 @@ Result<std::unique_ptr<BlockSource>> OpenImageFile(const ImageFileOptions& optio
 
   const std::string describe = "file:" + options.path + " (" + options.format + ")";
   ASSIGN_OR_RETURN(nbd_handle * h, CreateHandle(options.bitmap, describe));
-  if (nbd_connect_systemd_socket_activation(h, argv.data()) != 0) {
-    std::string nbd_error = LastNbdError();
-    // The connection failed because qemu-nbd exited: nbd_close reaps it, and
-    // then its stderr is complete.
+  Status connected = nbd_aio_connect_systemd_socket_activation(h, argv.data()) == 0
+                         ? WaitConnected(h, options.io_timeout_seconds)
+                         : Status::IOError(LastNbdError());
+  if (!connected.ok()) {
+    // Usually qemu-nbd has printed its error and exited; a hung one is
+    // killed. nbd_close reaps it.
     nbd_kill_subprocess(h, SIGKILL);
     nbd_close(h);
-    return QemuNbdStartError(options, capture->Read(), nbd_error);
+    return QemuNbdStartError(options, capture->Read(), connected.message());
   }
 
   NbdBlockSource::Config config;
