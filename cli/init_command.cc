@@ -19,7 +19,10 @@ Options:
   --chunker KIND        how segments are cut into blocks: 'cdc' (content
                         defined, ~4 KiB average, 1-16 KiB) or 'fixed' (4 KiB).
                         Default: fixed (see docs/chunking.md for the numbers).
-  --compression-level N zstd level for new blocks, 1-19 (default 3)
+  --compression-level N zstd level for new blocks: 1-19, or -7 to -1 for zstd's
+                        fast levels (default 1: on 4 KiB blocks of Debian
+                        guests it compresses 30% faster than level 3 and
+                        stores 0.6% more; see docs/benchmarks.md)
   --json                print the configuration as JSON
   -h, --help            this text
 

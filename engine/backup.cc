@@ -139,6 +139,7 @@ class BackupRun {
   std::unordered_map<Fingerprint, BlockRef, FingerprintHash> run_index_;
 
   std::deque<std::unique_ptr<SegmentJob>> queue_;
+  std::vector<std::vector<uint8_t>> free_buffers_;  // main thread only
   std::vector<SegmentJob*> read_batch_;
   size_t read_batch_bytes_ = 0;
   ThreadPool pool_;
@@ -264,7 +265,13 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
   job.items.insert(job.items.end(), rebuilt.begin(), rebuilt.end());
   std::sort(job.items.begin(), job.items.end(),
             [](const Item& a, const Item& b) { return a.begin < b.begin; });
-  if (job.read_bytes > 0) job.buffer.resize(job.length);
+  if (job.read_bytes > 0) {
+    if (!free_buffers_.empty()) {
+      job.buffer = std::move(free_buffers_.back());
+      free_buffers_.pop_back();
+    }
+    job.buffer.resize(job.length);
+  }
   return Status::OK();
 }
 
@@ -326,8 +333,6 @@ void BackupRun::Process(SegmentJob& job) {
       job.pieces.push_back(std::move(p));
     }
   }
-  job.buffer.clear();
-  job.buffer.shrink_to_fit();
 }
 
 Status BackupRun::WriteBatchCounted(WriteBatch& b, bool sync) {
@@ -344,7 +349,7 @@ Status BackupRun::Seal() {
     rec.block_count = writer_.block_count();
     rec.object = ContainerObjectName(vm_.vm(), rec.id);
     rec.written_by = req_.disk + "/" + std::to_string(snap_.seq);
-    std::string bytes = writer_.Finish();
+    std::string_view bytes = writer_.FinishInPlace();
     rec.size = bytes.size();
     Status st = repo_.objects()->Put(
         rec.object, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
@@ -399,6 +404,9 @@ Status BackupRun::Commit(SegmentJob& job) {
     return Status::OK();
   }
   RETURN_IF_ERROR(job.status);
+  // Segment buffers are reused: fresh 2 MiB allocations would be page-faulted
+  // in again for every segment.
+  if (job.buffer.capacity() > 0) free_buffers_.push_back(std::move(job.buffer));
   SegmentRecipe recipe;
   recipe.length = job.length;
   for (Piece& p : job.pieces) {

@@ -131,6 +131,7 @@ void FillInfo(const RecordHeader& h, uint32_t offset, BlockRecordInfo* info) {
 
 ContainerWriter::ContainerWriter(uint64_t container_id, size_t capacity)
     : id_(container_id), capacity_(std::min(capacity, kMaxContainerSize)) {
+  buf_.reserve(capacity_);
   Reset(container_id);
 }
 
@@ -164,15 +165,20 @@ BlockRecordInfo ContainerWriter::Append(const Fingerprint& fp, uint32_t raw_len,
 }
 
 std::string ContainerWriter::Finish() {
+  FinishInPlace();
+  std::string out = std::move(buf_);
+  Reset(id_ + 1);
+  return out;
+}
+
+std::string_view ContainerWriter::FinishInPlace() {
   uint8_t t[kContainerTrailerSize] = {};
   std::memcpy(t, kTrailerMagic, sizeof(kTrailerMagic));
   EncodeU32(t + 8, count_);
   EncodeU64(t + 16, buf_.size());
   EncodeU32(t + kCrcOffset, crc32c::Mask(crc32c::Value(t, kCrcOffset)));
   buf_.append(reinterpret_cast<const char*>(t), sizeof(t));
-  std::string out = std::move(buf_);
-  Reset(id_ + 1);
-  return out;
+  return buf_;
 }
 
 void ContainerWriter::Reset(uint64_t next_id) {

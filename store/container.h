@@ -57,6 +57,9 @@ class ContainerWriter {
   // Appends the trailer and returns the finished object bytes; the writer is
   // empty afterwards, ready for container id()+1 (or Reset to another id).
   std::string Finish();
+  // Like Finish, but keeps the bytes (and the buffer's capacity) in the
+  // writer: the view is valid until the next Reset, which must follow.
+  std::string_view FinishInPlace();
   void Reset(uint64_t next_id);
 
  private:

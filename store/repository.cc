@@ -126,8 +126,8 @@ Status ValidateRepoConfig(const RepoConfig& c) {
       (c.segment_size & (c.segment_size - 1)) != 0)
     return Status::InvalidArgument("segment size must be a power of two from 64 KiB to 64 MiB, got " +
                                    std::to_string(c.segment_size));
-  if (c.compression_level < 1 || c.compression_level > 19)
-    return Status::InvalidArgument("compression level must be 1 to 19, got " +
+  if (c.compression_level < -7 || c.compression_level > 19 || c.compression_level == 0)
+    return Status::InvalidArgument("compression level must be 1 to 19 (or -7 to -1 for zstd's fast levels), got " +
                                    std::to_string(c.compression_level));
   if (c.container_capacity < (1u << 20) || c.container_capacity > (64u << 20))
     return Status::InvalidArgument("container capacity must be 1 to 64 MiB");

@@ -31,7 +31,7 @@ struct RepoConfig {
   std::string repo_id;  // 16 hex digits, random at init
   uint32_t segment_size = 2u << 20;
   ChunkerParams chunker;
-  int compression_level = 3;
+  int compression_level = 1;
   uint32_t container_capacity = 32u << 20;
 };
 
