@@ -299,6 +299,110 @@ TEST_F(BackupImageTest, SecondBackupOfSameVmIsRefusedByTheLock) {
   ExpectCheckClean();
 }
 
+TEST_F(BackupImageTest, CorruptedContainerByteIsReportedNamingObjectAndSnapshots) {
+  MakeImage(16 * kMiB, 4 * kMiB, 10);
+  std::string sha1 = ImageSha();
+  Backup();
+  QemuIo({"write -P 0x61 10M 64k"});
+  std::string sha2 = ImageSha();
+  Backup();
+  // Snapshot 2 wrote one small container of its own; snapshot 1's data is in
+  // the first. Flip one byte in the middle of the first container.
+  auto list = RunShell("ls " + repo_ + "/vms/vm1/data/ | sort | head -1");
+  ASSERT_EQ(list.exit_code, 0);
+  std::string name = list.out.substr(0, list.out.find('\n'));
+  std::string path = repo_ + "/vms/vm1/data/" + name;
+  {
+    std::fstream f(path, std::ios::binary | std::ios::in | std::ios::out);
+    f.seekg(0, std::ios::end);
+    auto size = static_cast<std::streamoff>(f.tellg());
+    f.seekg(size / 2);
+    char c;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x40);
+    f.seekp(size / 2);
+    f.write(&c, 1);
+  }
+  // The metadata check does not read data; --read-data finds it and names
+  // the object and both snapshots (snapshot 2 shares the unchanged blocks).
+  EXPECT_EQ(Vmdedup({"check", "-r", repo_}).exit_code, 0);
+  auto r = Vmdedup({"check", "-r", repo_, "--read-data", "--json"});
+  EXPECT_EQ(r.exit_code, 3) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_FALSE(j["ok"].get<bool>());
+  EXPECT_EQ(j["damaged_snapshots"], nlohmann::json({"vm1/vda/1", "vm1/vda/2"})) << r.out;
+  EXPECT_NE(r.out.find(name), std::string::npos) << r.out;
+  // A restore fails with a Corruption error naming the object, never writes
+  // wrong data, and leaves no output file behind.
+  std::string out = dir_.Sub("bad.raw");
+  r = Vmdedup({"restore", "-r", repo_, "vm1/vda/1", "--to", out});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("Corruption"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(name), std::string::npos) << r.err;
+  EXPECT_NE(access(out.c_str(), F_OK), 0);
+  EXPECT_NE(access((out + ".partial").c_str(), F_OK), 0);
+  (void)sha1;
+  (void)sha2;
+}
+
+TEST_F(BackupImageTest, CorruptedMetadataIsCorruptionNotACrash) {
+  MakeImage(8 * kMiB, 2 * kMiB, 11);
+  Backup();
+  // Damage every LevelDB table and log file of the VM in the middle.
+  auto r = RunShell("for f in " + repo_ + "/vms/vm1/meta/*.log " + repo_ +
+                    "/vms/vm1/meta/*.ldb; do [ -f \"$f\" ] || continue; "
+                    "s=$(stat -c %s \"$f\"); "
+                    "printf '\\377\\377\\377\\377' | dd of=\"$f\" bs=1 seek=$((s/2)) conv=notrunc "
+                    "status=none; done");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto c = Vmdedup({"check", "-r", repo_, "--json"});
+  auto l = Vmdedup({"snapshots", "-r", repo_});
+  auto o = Vmdedup({"restore", "-r", repo_, "vm1/vda/1", "--to", dir_.Sub("x.raw")});
+  // LevelDB (paranoid checks) refuses the damaged log: a Corruption error
+  // naming the VM's metadata, never a crash or wrong data.
+  EXPECT_EQ(c.exit_code, 3) << c.out << c.err;
+  EXPECT_NE(c.out.find("Corruption"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("metadata of VM 'vm1'"), std::string::npos) << c.out;
+  for (const auto* res : {&l, &o}) {
+    EXPECT_EQ(res->exit_code, 1) << res->err;
+    EXPECT_NE(res->err.find("Corruption"), std::string::npos) << res->err;
+  }
+  EXPECT_NE(access(dir_.Sub("x.raw").c_str(), F_OK), 0);
+}
+
+TEST_F(BackupImageTest, NbdServerGoneMidBackupFailsCleanly) {
+  MakeImage(64 * kMiB, 48 * kMiB, 12);
+  Backup();
+  std::string raw = dir_.Sub("src.raw");
+  ASSERT_EQ(RunCommand({"qemu-img", "convert", "-O", "raw", image_, raw}).exit_code, 0);
+  std::string sock = dir_.Sub("slow.sock");
+  // A slow server (every read delayed) that we kill while vmdedup reads.
+  pid_t pid = fork();
+  if (pid == 0) {
+    execlp("nbdkit", "nbdkit", "--foreground", "-U", sock.c_str(), "--filter=delay", "file",
+           raw.c_str(), "rdelay=20ms", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  for (int i = 0; i < 200 && access(sock.c_str(), F_OK) != 0; i++)
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  ASSERT_EQ(access(sock.c_str(), F_OK), 0);
+  std::thread killer([pid] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    kill(pid, SIGKILL);
+  });
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "nbd", "--threads", "1",
+                    "nbd+unix:///?socket=" + sock});
+  killer.join();
+  waitpid(pid, nullptr, 0);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("IOError"), std::string::npos) << r.err;
+  auto l = Vmdedup({"snapshots", "-r", repo_, "--disk", "nbd", "--vm", "vm1", "--json"});
+  EXPECT_EQ(l.out, "");  // nothing recorded for the failed series
+  ExpectCheckClean();
+  // The repository is usable: the next backup works.
+  Backup();
+}
+
 class BackupImageCdcTest : public BackupImageTest {
  protected:
   BackupImageCdcTest() { chunker_ = "cdc"; }
