@@ -20,7 +20,8 @@ namespace {
 constexpr uint64_t kWindowSegments = 64;         // extents are queried per window
 constexpr size_t kReadBatchBytes = 16u << 20;    // reads issued together
 constexpr size_t kMaxPendingRecipes = 512;       // recipes waiting for a container seal
-constexpr size_t kMaxRunIndexEntries = 1u << 20; // in-run index of new blocks (~100 MiB worst)
+// In-run index of the new blocks stored so far (about 72 bytes an entry).
+constexpr size_t kMaxRunIndexEntries = 512u << 10;
 
 enum class Level { kZero, kSegment, kBlock, kCds, kNew };
 
@@ -136,7 +137,12 @@ class BackupRun {
   uint64_t next_segment_id_ = 1;
   WriteBatch pending_;
   size_t pending_recipes_ = 0;
-  std::unordered_map<Fingerprint, BlockRef, FingerprintHash> run_index_;
+  struct StoredAt {
+    uint64_t container;
+    uint32_t offset;
+    uint32_t record_len;
+  };
+  std::unordered_map<Fingerprint, StoredAt, FingerprintHash> run_index_;
 
   std::deque<std::unique_ptr<SegmentJob>> queue_;
   std::vector<std::vector<uint8_t>> free_buffers_;  // main thread only
@@ -366,9 +372,11 @@ Status BackupRun::Seal() {
 }
 
 Status BackupRun::AppendNew(Piece& p) {
-  if (auto it = run_index_.find(p.ref.fingerprint);
-      it != run_index_.end() && it->second.length == p.ref.length) {
-    p.ref = it->second;
+  // The fingerprint covers the length: equal fingerprints mean equal blocks.
+  if (auto it = run_index_.find(p.ref.fingerprint); it != run_index_.end()) {
+    p.ref.container = it->second.container;
+    p.ref.offset = it->second.offset;
+    p.ref.record_len = it->second.record_len;
     p.level = Level::kBlock;
     return Status::OK();
   }
@@ -387,7 +395,8 @@ Status BackupRun::AppendNew(Piece& p) {
   snap_.stats.new_bytes += p.ref.length;
   snap_.stats.stored += info.record_len;
   snap_.stats.new_blocks++;
-  if (run_index_.size() < kMaxRunIndexEntries) run_index_.emplace(p.ref.fingerprint, p.ref);
+  if (run_index_.size() < kMaxRunIndexEntries)
+    run_index_.emplace(p.ref.fingerprint, StoredAt{p.ref.container, p.ref.offset, p.ref.record_len});
   p.payload.clear();
   return Status::OK();
 }
