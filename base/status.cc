@@ -7,15 +7,24 @@ namespace vmdedup {
 
 const char* StatusCodeName(Status::Code code) {
   switch (code) {
-    case Status::Code::kOk: return "OK";
-    case Status::Code::kNotFound: return "NotFound";
-    case Status::Code::kCorruption: return "Corruption";
-    case Status::Code::kIOError: return "IOError";
-    case Status::Code::kNoSpace: return "NoSpace";
-    case Status::Code::kInvalidArgument: return "InvalidArgument";
-    case Status::Code::kBusy: return "Busy";
-    case Status::Code::kAborted: return "Aborted";
-    case Status::Code::kNotSupported: return "NotSupported";
+    case Status::Code::kOk:
+      return "OK";
+    case Status::Code::kNotFound:
+      return "NotFound";
+    case Status::Code::kCorruption:
+      return "Corruption";
+    case Status::Code::kIOError:
+      return "IOError";
+    case Status::Code::kNoSpace:
+      return "NoSpace";
+    case Status::Code::kInvalidArgument:
+      return "InvalidArgument";
+    case Status::Code::kBusy:
+      return "Busy";
+    case Status::Code::kAborted:
+      return "Aborted";
+    case Status::Code::kNotSupported:
+      return "NotSupported";
   }
   return "Unknown";
 }
@@ -23,14 +32,20 @@ const char* StatusCodeName(Status::Code code) {
 Status Status::FromErrno(int err, const std::string& what) {
   std::string msg = what + ": " + std::strerror(err);
   switch (err) {
-    case ENOENT: return NotFound(msg);
+    case ENOENT:
+      return NotFound(msg);
     case ENOSPC:
-    case EDQUOT: return NoSpace(msg);
-    case EINVAL: return InvalidArgument(msg);
+    case EDQUOT:
+      return NoSpace(msg);
+    case EINVAL:
+      return InvalidArgument(msg);
     case EAGAIN:
-    case EBUSY: return Busy(msg);
-    case EINTR: return Aborted(msg);
-    default: return IOError(msg);
+    case EBUSY:
+      return Busy(msg);
+    case EINTR:
+      return Aborted(msg);
+    default:
+      return IOError(msg);
   }
 }
 

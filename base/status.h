@@ -42,7 +42,9 @@ class Status {
   }
   static Status Busy(std::string msg) { return Status(Code::kBusy, std::move(msg)); }
   static Status Aborted(std::string msg) { return Status(Code::kAborted, std::move(msg)); }
-  static Status NotSupported(std::string msg) { return Status(Code::kNotSupported, std::move(msg)); }
+  static Status NotSupported(std::string msg) {
+    return Status(Code::kNotSupported, std::move(msg));
+  }
   // Maps an errno value from a failed system call on `what` to a Status.
   static Status FromErrno(int err, const std::string& what);
 
@@ -72,7 +74,7 @@ const char* StatusCodeName(Status::Code code);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
     assert(!status_.ok());
   }
@@ -106,10 +108,10 @@ class [[nodiscard]] Result {
 #define VMDEDUP_CONCAT(a, b) VMDEDUP_CONCAT_INNER(a, b)
 
 // Returns from the enclosing function when `expr` (a Status) is not OK.
-#define RETURN_IF_ERROR(expr)                 \
-  do {                                        \
-    ::vmdedup::Status _st = (expr);           \
-    if (!_st.ok()) return _st;                \
+#define RETURN_IF_ERROR(expr)       \
+  do {                              \
+    ::vmdedup::Status _st = (expr); \
+    if (!_st.ok()) return _st;      \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, MakeX());` binds the value or returns the Status.

@@ -38,12 +38,14 @@ Result<Args> Args::Parse(int argc, char** argv, int first, const std::vector<Opt
     }
     if (spec->takes_value) {
       if (!inline_value) {
-        if (i + 1 >= argc) return Status::InvalidArgument("option --" + spec->long_name + " needs a value");
+        if (i + 1 >= argc)
+          return Status::InvalidArgument("option --" + spec->long_name + " needs a value");
         inline_value = argv[++i];
       }
       a.values_.emplace(spec->long_name, *inline_value);
     } else {
-      if (inline_value) return Status::InvalidArgument("option --" + spec->long_name + " takes no value");
+      if (inline_value)
+        return Status::InvalidArgument("option --" + spec->long_name + " takes no value");
       a.values_.emplace(spec->long_name, "");
     }
   }
@@ -86,12 +88,19 @@ Result<uint64_t> ParseSize(const std::string& text) {
   if (end == text.c_str()) return Status::InvalidArgument("'" + text + "' is not a size");
   std::string unit(end);
   uint64_t mult = 1;
-  if (unit.empty() || unit == "B") mult = 1;
-  else if (unit == "k" || unit == "K" || unit == "KiB") mult = 1ull << 10;
-  else if (unit == "M" || unit == "MiB") mult = 1ull << 20;
-  else if (unit == "G" || unit == "GiB") mult = 1ull << 30;
-  else if (unit == "T" || unit == "TiB") mult = 1ull << 40;
-  else return Status::InvalidArgument("'" + text + "': unknown size unit '" + unit + "' (use K, M, G, T)");
+  if (unit.empty() || unit == "B")
+    mult = 1;
+  else if (unit == "k" || unit == "K" || unit == "KiB")
+    mult = 1ull << 10;
+  else if (unit == "M" || unit == "MiB")
+    mult = 1ull << 20;
+  else if (unit == "G" || unit == "GiB")
+    mult = 1ull << 30;
+  else if (unit == "T" || unit == "TiB")
+    mult = 1ull << 40;
+  else
+    return Status::InvalidArgument("'" + text + "': unknown size unit '" + unit +
+                                   "' (use K, M, G, T)");
   return static_cast<uint64_t>(v) * mult;
 }
 

@@ -34,9 +34,12 @@ run, 2 bad usage, 3 damage found (the damaged snapshots are listed).
 
 const char* KindName(CheckFinding::Kind k) {
   switch (k) {
-    case CheckFinding::Kind::kError: return "error";
-    case CheckFinding::Kind::kReclaimable: return "reclaimable";
-    case CheckFinding::Kind::kSkipped: return "skipped";
+    case CheckFinding::Kind::kError:
+      return "error";
+    case CheckFinding::Kind::kReclaimable:
+      return "reclaimable";
+    case CheckFinding::Kind::kSkipped:
+      return "skipped";
   }
   return "?";
 }
@@ -45,8 +48,11 @@ const char* KindName(CheckFinding::Kind k) {
 
 int CheckCommand(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, 2,
-                          {{"repo", 'r', true}, {"vm", 0, true}, {"read-data", 0, false},
-                           {"json", 0, false}, {"help", 'h', false}});
+                          {{"repo", 'r', true},
+                           {"vm", 0, true},
+                           {"read-data", 0, false},
+                           {"json", 0, false},
+                           {"help", 'h', false}});
   if (!args.ok()) return ReportError(args.status());
   if (args->Has("help")) {
     std::fputs(kHelp, stdout);
@@ -87,22 +93,26 @@ int CheckCommand(int argc, char** argv) {
     std::puts(j.dump().c_str());
   } else {
     for (const auto& f : r.findings) {
-      std::printf("%s: %s%s%s\n", KindName(f.kind), f.vm.empty() ? "" : ("VM " + f.vm + ": ").c_str(),
-                  f.message.c_str(), f.bytes ? (" (" + HumanSize(f.bytes) + ")").c_str() : "");
+      std::printf("%s: %s%s%s\n", KindName(f.kind),
+                  f.vm.empty() ? "" : ("VM " + f.vm + ": ").c_str(), f.message.c_str(),
+                  f.bytes ? (" (" + HumanSize(f.bytes) + ")").c_str() : "");
       if (!f.snapshots.empty()) {
         std::printf("  damaged snapshots:");
         for (const auto& s : f.snapshots) std::printf(" %s", s.c_str());
         std::printf("\n");
       }
     }
-    std::printf("checked %llu VM(s), %llu snapshot(s), %llu recipe(s), %llu container(s)",
-                static_cast<unsigned long long>(r.vms), static_cast<unsigned long long>(r.snapshots),
-                static_cast<unsigned long long>(r.recipes), static_cast<unsigned long long>(r.containers));
+    std::printf(
+        "checked %llu VM(s), %llu snapshot(s), %llu recipe(s), %llu container(s)",
+        static_cast<unsigned long long>(r.vms), static_cast<unsigned long long>(r.snapshots),
+        static_cast<unsigned long long>(r.recipes), static_cast<unsigned long long>(r.containers));
     if (opt.read_data)
       std::printf("; re-hashed %llu block(s), %s",
-                  static_cast<unsigned long long>(r.blocks_verified), HumanSize(r.bytes_verified).c_str());
+                  static_cast<unsigned long long>(r.blocks_verified),
+                  HumanSize(r.bytes_verified).c_str());
     std::printf("\n");
-    if (r.reclaimable_bytes) std::printf("reclaimable: %s\n", HumanSize(r.reclaimable_bytes).c_str());
+    if (r.reclaimable_bytes)
+      std::printf("reclaimable: %s\n", HumanSize(r.reclaimable_bytes).c_str());
     auto damaged = r.DamagedSnapshots();
     std::printf("%s\n", r.ok() ? "no damage found" : "DAMAGE FOUND");
     if (!damaged.empty()) {

@@ -33,8 +33,11 @@ Exit codes: 0 created, 1 failure, 2 bad usage (e.g. REPO not empty).
 
 int InitCommand(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, 2,
-                          {{"segment-size", 0, true}, {"chunker", 0, true},
-                           {"compression-level", 0, true}, {"json", 0, false}, {"help", 'h', false},
+                          {{"segment-size", 0, true},
+                           {"chunker", 0, true},
+                           {"compression-level", 0, true},
+                           {"json", 0, false},
+                           {"help", 'h', false},
                            {"repo", 'r', true}});
   if (!args.ok()) return ReportError(args.status());
   if (args->Has("help")) {

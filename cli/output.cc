@@ -22,7 +22,8 @@ std::string HumanSize(uint64_t b) {
 std::string Percent(uint64_t part, uint64_t whole) {
   if (whole == 0) return "-";
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.1f%%", 100.0 * static_cast<double>(part) / static_cast<double>(whole));
+  std::snprintf(buf, sizeof(buf), "%.1f%%",
+                100.0 * static_cast<double>(part) / static_cast<double>(whole));
   return buf;
 }
 
@@ -40,8 +41,9 @@ nlohmann::json SnapshotJson(const SnapshotRecord& s) {
       {"vm", s.vm},
       {"disk", s.disk},
       {"seq", s.seq},
-      {"parent", s.parent_seq ? nlohmann::json(s.vm + "/" + s.disk + "/" + std::to_string(s.parent_seq))
-                              : nlohmann::json(nullptr)},
+      {"parent", s.parent_seq
+                     ? nlohmann::json(s.vm + "/" + s.disk + "/" + std::to_string(s.parent_seq))
+                     : nlohmann::json(nullptr)},
       {"time", s.time},
       {"size", s.size},
       {"read_bytes", s.stats.read_bytes},
@@ -74,8 +76,8 @@ void ProgressLine::Update(const std::string& what, uint64_t done, uint64_t total
   std::lock_guard<std::mutex> lock(mu_);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   double rate = secs > 0 ? static_cast<double>(done) / secs : 0;
-  std::fprintf(stderr, "\r\033[K%s %5s  %s / %s  %s/s  %s", what.c_str(), Percent(done, total).c_str(),
-               HumanSize(done).c_str(), HumanSize(total).c_str(),
+  std::fprintf(stderr, "\r\033[K%s %5s  %s / %s  %s/s  %s", what.c_str(),
+               Percent(done, total).c_str(), HumanSize(done).c_str(), HumanSize(total).c_str(),
                HumanSize(static_cast<uint64_t>(rate)).c_str(), extra.c_str());
   std::fflush(stderr);
   drawn_ = true;

@@ -17,10 +17,10 @@ namespace vmdedup::cli {
 
 // Exit codes (documented in every --help).
 constexpr int kExitOk = 0;
-constexpr int kExitFailure = 1;      // the operation failed; nothing was lost
-constexpr int kExitUsage = 2;        // bad command line
-constexpr int kExitDamaged = 3;      // check found damage
-constexpr int kExitBusy = 4;         // the VM or repository is locked by another vmdedup
+constexpr int kExitFailure = 1;  // the operation failed; nothing was lost
+constexpr int kExitUsage = 2;    // bad command line
+constexpr int kExitDamaged = 3;  // check found damage
+constexpr int kExitBusy = 4;     // the VM or repository is locked by another vmdedup
 constexpr int kExitInterrupted = 130;
 
 std::string HumanSize(uint64_t bytes);

@@ -9,7 +9,8 @@
 namespace vmdedup::cli {
 namespace {
 
-const char kHelp[] = R"(usage: vmdedup restore -r REPO SNAPSHOT --to PATH [--format raw|qcow2] [--force]
+const char kHelp[] =
+    R"(usage: vmdedup restore -r REPO SNAPSHOT --to PATH [--format raw|qcow2] [--force]
 
 Writes snapshot SNAPSHOT (VM/DISK/N or VM/DISK/latest) to an image file,
 bit-exact: sparse where the snapshot is zero. Every block read is verified
@@ -36,9 +37,14 @@ backup, 130 interrupted.
 
 int RestoreCommand(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, 2,
-                          {{"repo", 'r', true}, {"to", 0, true}, {"format", 0, true},
-                           {"force", 0, false}, {"threads", 0, true}, {"json", 0, false},
-                           {"quiet", 'q', false}, {"help", 'h', false}});
+                          {{"repo", 'r', true},
+                           {"to", 0, true},
+                           {"format", 0, true},
+                           {"force", 0, false},
+                           {"threads", 0, true},
+                           {"json", 0, false},
+                           {"quiet", 'q', false},
+                           {"help", 'h', false}});
   if (!args.ok()) return ReportError(args.status());
   if (args->Has("help")) {
     std::fputs(kHelp, stdout);
@@ -58,7 +64,8 @@ int RestoreCommand(int argc, char** argv) {
   if (!repo.ok()) return ReportError(repo.status());
   auto vm = (*repo)->OpenVm(ref->vm, Repository::Access::kRead);
   if (!vm.ok()) return ReportError(vm.status());
-  auto snap = ref->seq ? (*vm)->GetSnapshot(ref->disk, *ref->seq) : (*vm)->LatestSnapshot(ref->disk);
+  auto snap =
+      ref->seq ? (*vm)->GetSnapshot(ref->disk, *ref->seq) : (*vm)->LatestSnapshot(ref->disk);
   if (!snap.ok()) {
     if (snap.status().IsNotFound()) {
       std::fprintf(stderr, "vmdedup: %s\n", snap.status().message().c_str());
@@ -74,7 +81,8 @@ int RestoreCommand(int argc, char** argv) {
   req.cancel = &CancelFlag();
   ProgressLine progress(!args->Has("quiet") && StderrIsTerminal());
   req.progress = [&](const RestoreProgress& p) {
-    progress.Update("restore", p.done_bytes, p.total_bytes, "written " + HumanSize(p.written_bytes));
+    progress.Update("restore", p.done_bytes, p.total_bytes,
+                    "written " + HumanSize(p.written_bytes));
   };
   auto result = RestoreToFile(**repo, **vm, *snap, req);
   progress.Finish();

@@ -49,8 +49,11 @@ std::string TimeString(int64_t t) {
 
 int SnapshotsCommand(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, 2,
-                          {{"repo", 'r', true}, {"vm", 0, true}, {"disk", 0, true},
-                           {"json", 0, false}, {"help", 'h', false}});
+                          {{"repo", 'r', true},
+                           {"vm", 0, true},
+                           {"disk", 0, true},
+                           {"json", 0, false},
+                           {"help", 'h', false}});
   if (!args.ok()) return ReportError(args.status());
   if (args->Has("help")) {
     std::fputs(kHelp, stdout);
@@ -75,8 +78,8 @@ int SnapshotsCommand(int argc, char** argv) {
   const bool json = args->Has("json");
   std::string disk = args->Get("disk").value_or("");
   if (!json)
-    std::printf("%-28s %-8s %-19s %10s %10s %10s %10s %10s %10s %10s %10s\n", "ID", "PARENT", "TIME",
-                "SIZE", "READ", "ZERO", "SEGMENT", "BLOCK", "CDS", "NEW", "STORED");
+    std::printf("%-28s %-8s %-19s %10s %10s %10s %10s %10s %10s %10s %10s\n", "ID", "PARENT",
+                "TIME", "SIZE", "READ", "ZERO", "SEGMENT", "BLOCK", "CDS", "NEW", "STORED");
   for (const std::string& name : vms) {
     auto vm = (*repo)->OpenVm(name, Repository::Access::kRead);
     if (!vm.ok()) return ReportError(vm.status());

@@ -67,9 +67,10 @@ struct Totals {
   void Print(const std::string& name) const {
     const LevelStats& l = levels;
     std::printf("%-16s %5llu %10s %10s %10s %10s %10s %10s %10s %10s %9.1f%% %9.1f%% %9.1f%%\n",
-                name.c_str(), static_cast<unsigned long long>(snapshots), HumanSize(logical).c_str(),
-                HumanSize(l.zero).c_str(), HumanSize(l.segment).c_str(), HumanSize(l.block).c_str(),
-                HumanSize(l.cds).c_str(), HumanSize(l.new_bytes).c_str(), HumanSize(stored).c_str(),
+                name.c_str(), static_cast<unsigned long long>(snapshots),
+                HumanSize(logical).c_str(), HumanSize(l.zero).c_str(), HumanSize(l.segment).c_str(),
+                HumanSize(l.block).c_str(), HumanSize(l.cds).c_str(),
+                HumanSize(l.new_bytes).c_str(), HumanSize(stored).c_str(),
                 HumanSize(metadata).c_str(), Left(l.block + l.cds + l.new_bytes),
                 Left(l.cds + l.new_bytes), Left(l.new_bytes));
   }
@@ -78,9 +79,9 @@ struct Totals {
 }  // namespace
 
 int StatsCommand(int argc, char** argv) {
-  auto args = Args::Parse(argc, argv, 2,
-                          {{"repo", 'r', true}, {"vm", 0, true}, {"json", 0, false},
-                           {"help", 'h', false}});
+  auto args =
+      Args::Parse(argc, argv, 2,
+                  {{"repo", 'r', true}, {"vm", 0, true}, {"json", 0, false}, {"help", 'h', false}});
   if (!args.ok()) return ReportError(args.status());
   if (args->Has("help")) {
     std::fputs(kHelp, stdout);
@@ -116,14 +117,15 @@ int StatsCommand(int argc, char** argv) {
       t.levels.Add(s.stats);
     }
     Status inner;
-    Status st = (*vm)->meta()->Scan(kContainerKeyPrefix, [&](std::string_view k, std::string_view v) {
-      ContainerRecord c;
-      inner = DecodeContainerRecord(k, v, &c);
-      if (!inner.ok()) return false;
-      t.containers++;
-      t.stored += c.size;
-      return true;
-    });
+    Status st =
+        (*vm)->meta()->Scan(kContainerKeyPrefix, [&](std::string_view k, std::string_view v) {
+          ContainerRecord c;
+          inner = DecodeContainerRecord(k, v, &c);
+          if (!inner.ok()) return false;
+          t.containers++;
+          t.stored += c.size;
+          return true;
+        });
     if (!st.ok()) return ReportError(st);
     if (!inner.ok()) return ReportError(inner);
     t.metadata = (*vm)->meta()->ApproximateBytes();

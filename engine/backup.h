@@ -34,7 +34,7 @@
 namespace vmdedup {
 
 struct BackupProgress {
-  uint64_t done_bytes = 0;   // of the virtual disk, in order
+  uint64_t done_bytes = 0;  // of the virtual disk, in order
   uint64_t total_bytes = 0;
   uint64_t read_bytes = 0;
   uint64_t stored_bytes = 0;
@@ -50,7 +50,7 @@ struct BackupRequest {
   std::string read_mode;  // recorded: "incremental (...)" or "full: <reason>"
   std::string bitmap;     // recorded: bitmap that tracks writes after this snapshot
   unsigned threads = 2;
-  const CommonBlockIndex* cds = nullptr;  // null: level 3 finds nothing
+  const CommonBlockIndex* cds = nullptr;      // null: level 3 finds nothing
   const std::atomic<bool>* cancel = nullptr;  // checked between segments
   std::function<void(const BackupProgress&)> progress;
   int64_t time = 0;  // the consistent instant; 0 = now

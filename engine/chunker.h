@@ -21,9 +21,9 @@ enum class ChunkerKind : uint8_t { kFixed = 0, kCdc = 1 };
 
 struct ChunkerParams {
   ChunkerKind kind = ChunkerKind::kCdc;
-  uint32_t avg_size = 4096;  // fixed: the block size
-  uint32_t min_size = 1024;  // cdc only
-  uint32_t max_size = 16384; // cdc only
+  uint32_t avg_size = 4096;   // fixed: the block size
+  uint32_t min_size = 1024;   // cdc only
+  uint32_t max_size = 16384;  // cdc only
 };
 
 class Chunker {

@@ -124,8 +124,8 @@ Result<RestoreResult> RestoreToFile(Repository& repo, VmStore& vm, const Snapsho
   RestoreResult result;
   Status st = WriteRaw(*reader, raw_path, req, &result);
   if (st.ok() && req.format == "qcow2") {
-    auto out = RunProcess({"qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw_path,
-                           partial});
+    auto out =
+        RunProcess({"qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw_path, partial});
     if (!out.ok())
       st = out.status();
     else if (!out->success())

@@ -41,7 +41,8 @@ std::string Seal(std::string_view key, ByteWriter& w) {
 // Verifies the envelope and returns a reader positioned on the body.
 Status Open(std::string_view key, std::string_view value, RecordType type, std::string_view* body) {
   std::string what = "metadata record '" + std::string(key) + "'";
-  if (value.size() < 6) return Status::Corruption(what + ": too short (" + std::to_string(value.size()) + " bytes)");
+  if (value.size() < 6)
+    return Status::Corruption(what + ": too short (" + std::to_string(value.size()) + " bytes)");
   std::string_view covered = value.substr(0, value.size() - 4);
   uint32_t stored = DecodeU32(reinterpret_cast<const uint8_t*>(value.data() + value.size() - 4));
   if (crc32c::Unmask(stored) != EnvelopeCrc(key, covered))
@@ -342,7 +343,8 @@ Status DecodeVmInfo(std::string_view key, std::string_view value, std::string* v
 }
 
 Status VerifyEnvelope(std::string_view key, std::string_view value) {
-  if (value.size() < 6) return Status::Corruption("metadata record '" + std::string(key) + "': too short");
+  if (value.size() < 6)
+    return Status::Corruption("metadata record '" + std::string(key) + "': too short");
   std::string_view body;
   return Open(key, value, static_cast<RecordType>(static_cast<uint8_t>(value[0])), &body);
 }

@@ -32,7 +32,7 @@ struct LevelStats {
   uint64_t new_bytes = 0;   // stored as new blocks (before compression)
   uint64_t stored = 0;      // bytes of new records written (after compression)
   uint64_t new_blocks = 0;
-  uint64_t metadata = 0;    // bytes of metadata records written
+  uint64_t metadata = 0;  // bytes of metadata records written
   void Add(const LevelStats& o);
 };
 
@@ -48,9 +48,9 @@ struct SnapshotRecord {
   uint64_t segment_count = 0;
   LevelStats stats;
   uint64_t duration_ms = 0;
-  std::string source;       // where it was read from, for humans
-  std::string read_mode;    // "incremental (bitmap X)" or "full: <reason>"
-  std::string bitmap;       // the dirty bitmap that tracks writes after this snapshot
+  std::string source;     // where it was read from, for humans
+  std::string read_mode;  // "incremental (bitmap X)" or "full: <reason>"
+  std::string bitmap;     // the dirty bitmap that tracks writes after this snapshot
   std::string Id() const { return vm + "/" + disk + "/" + std::to_string(seq); }
 };
 
@@ -76,11 +76,11 @@ struct SegmentRecipe {
 
 struct ContainerRecord {
   uint64_t id = 0;
-  uint64_t size = 0;         // object bytes
+  uint64_t size = 0;  // object bytes
   uint32_t block_count = 0;
-  uint64_t raw_bytes = 0;    // plaintext bytes of its blocks
-  std::string object;        // object name in the repository's ObjectStore
-  std::string written_by;    // "disk/seq" of the backup that wrote it
+  uint64_t raw_bytes = 0;  // plaintext bytes of its blocks
+  std::string object;      // object name in the repository's ObjectStore
+  std::string written_by;  // "disk/seq" of the backup that wrote it
 };
 
 // Keys.
@@ -111,7 +111,8 @@ Status DecodeContainerRecord(std::string_view key, std::string_view value, Conta
 std::string EncodeCounter(std::string_view key, uint64_t v);
 Status DecodeCounter(std::string_view key, std::string_view value, uint64_t* v);
 std::string EncodeVmInfo(std::string_view key, std::string_view vm, int64_t created);
-Status DecodeVmInfo(std::string_view key, std::string_view value, std::string* vm, int64_t* created);
+Status DecodeVmInfo(std::string_view key, std::string_view value, std::string* vm,
+                    int64_t* created);
 // Checks only the envelope (type byte and checksum) of any value.
 Status VerifyEnvelope(std::string_view key, std::string_view value);
 

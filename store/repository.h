@@ -56,8 +56,8 @@ class Repository {
   Result<std::vector<std::string>> ListVms();
 
   enum class Access {
-    kRead,        // existing VM only; fails Busy if a writer holds it
-    kWrite,       // creates the VM; takes its lock (Busy if held)
+    kRead,   // existing VM only; fails Busy if a writer holds it
+    kWrite,  // creates the VM; takes its lock (Busy if held)
   };
   Result<std::unique_ptr<VmStore>> OpenVm(const std::string& vm, Access access);
 

@@ -71,8 +71,8 @@ class BackupImageTest : public ::testing::Test {
   }
 
   nlohmann::json Backup(const std::vector<std::string>& extra = {}) {
-    std::vector<std::string> args = {"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda",
-                                     "--json"};
+    std::vector<std::string> args = {"backup", "-r",     repo_, "--vm",
+                                     "vm1",    "--disk", "vda", "--json"};
     args.insert(args.end(), extra.begin(), extra.end());
     args.push_back("file:" + image_);
     auto r = Vmdedup(args);
@@ -100,8 +100,7 @@ class BackupImageTest : public ::testing::Test {
 
   static void ExpectLevelsAddUp(const nlohmann::json& s) {
     EXPECT_EQ(s["zero"].get<uint64_t>() + s["segment"].get<uint64_t>() +
-                  s["block"].get<uint64_t>() + s["cds"].get<uint64_t>() +
-                  s["new"].get<uint64_t>(),
+                  s["block"].get<uint64_t>() + s["cds"].get<uint64_t>() + s["new"].get<uint64_t>(),
               s["size"].get<uint64_t>())
         << s.dump();
   }
@@ -168,7 +167,8 @@ TEST_F(BackupImageTest, MissingBitmapFallsBackToFullReadButStoresOnlyChanges) {
   ASSERT_EQ(RunCommand({"qemu-img", "bitmap", "--remove", image_, name}).exit_code, 0);
   std::string sha = ImageSha();
   auto s2 = Backup();
-  EXPECT_NE(last_note_.find("full: bitmap " + name + " is missing"), std::string::npos) << last_note_;
+  EXPECT_NE(last_note_.find("full: bitmap " + name + " is missing"), std::string::npos)
+      << last_note_;
   EXPECT_EQ(s2["read_bytes"].get<uint64_t>(), 16 * kMiB);
   EXPECT_LE(s2["new"].get<uint64_t>(), 64u * 1024);  // level 2 keeps storage small
   EXPECT_EQ(RestoreSha("vm1/vda/2"), sha);
@@ -185,7 +185,8 @@ TEST_F(BackupImageTest, InconsistentBitmapAfterCrashedWriterFallsBackToFullRead)
   Backup();
   // A writer opens the image (which marks the persistent bitmap in-use),
   // writes, and crashes without closing it.
-  auto w = RunCommand({"qemu-io", "-f", "qcow2", "-c", "write -P 0x55 5M 64k", "-c", "abort", image_});
+  auto w =
+      RunCommand({"qemu-io", "-f", "qcow2", "-c", "write -P 0x55 5M 64k", "-c", "abort", image_});
   ASSERT_EQ(w.exit_code, 128 + SIGABRT) << w.err;
   auto info = RunCommand({"qemu-img", "info", "--output=json", image_});
   ASSERT_NE(info.out.find("in-use"), std::string::npos) << info.out;

@@ -156,7 +156,8 @@ TEST(RecordsTest, RecipeWhoseLengthsDoNotAddUpIsCorruption) {
 
 TEST(RecordsTest, NamesAndSnapshotReferences) {
   EXPECT_TRUE(ValidateName("VM", "web-1.prod_A").ok());
-  for (std::string bad : std::vector<std::string>{"", ".hidden", "a/b", "a b", "ä", std::string(65, 'x')})
+  for (std::string bad :
+       std::vector<std::string>{"", ".hidden", "a/b", "a b", "ä", std::string(65, 'x')})
     EXPECT_TRUE(ValidateName("VM", bad).IsInvalidArgument()) << bad;
   auto r = ParseSnapshotRef("web1/vda/12");
   ASSERT_TRUE(r.ok());
@@ -166,7 +167,8 @@ TEST(RecordsTest, NamesAndSnapshotReferences) {
   r = ParseSnapshotRef("web1/vda/latest");
   ASSERT_TRUE(r.ok());
   EXPECT_FALSE(r->seq.has_value());
-  for (std::string bad : std::vector<std::string>{"web1", "web1/vda", "web1/vda/0", "web1/vda/x", "a/b/c/d", "/vda/1"})
+  for (std::string bad : std::vector<std::string>{"web1", "web1/vda", "web1/vda/0", "web1/vda/x",
+                                                  "a/b/c/d", "/vda/1"})
     EXPECT_TRUE(ParseSnapshotRef(bad).status().IsInvalidArgument()) << bad;
 }
 
