@@ -4,14 +4,17 @@
 #include "cli/commands.h"
 #include "cli/output.h"
 #include "engine/backup_job.h"
+#include "engine/live_backup_job.h"
 
 namespace vmdedup::cli {
 namespace {
 
 const char kHelp[] = R"(usage: vmdedup backup -r REPO --vm VM [--disk DISK] [OPTIONS] SOURCE
+       vmdedup backup -r REPO --vm VM [--disk DISK ...] [OPTIONS] qemu:QMP_SOCKET
 
-Backs up one virtual disk into a new snapshot VM/DISK/N of REPO. Every
-snapshot is logically full: it restores without any other snapshot.
+Backs up one virtual disk into a new snapshot VM/DISK/N of REPO (a running
+QEMU guest: each of its disks into a snapshot of its own). Every snapshot is
+logically full: it restores without any other snapshot.
 
 SOURCE is one of:
   file:PATH        a raw or qcow2 image that no process has open. vmdedup
@@ -23,6 +26,13 @@ SOURCE is one of:
                    any NBD server. With --bitmap NAME, the server's
                    qemu:dirty-bitmap:NAME is taken as the writes since the
                    latest snapshot of the series (the caller manages it).
+  qemu:QMP_SOCKET  a running QEMU guest, through its QMP unix socket. All its
+                   writable disks (or those given with --disk: qdev id, drive
+                   or node name) are read from one instant (fleecing, one QMP
+                   transaction) while the guest runs; the disk series is
+                   named after the device id. vmdedup keeps one persistent
+                   dirty bitmap per series in QEMU and rotates it, and removes
+                   what a killed earlier run left (nodes, exports, files).
 
 The backup reads every allocated extent (full read) when there is no usable
 bitmap: first backup, raw image, bitmap missing or inconsistent, disk resized,
@@ -34,6 +44,13 @@ Options:
   --vm VM             the virtual machine (letters, digits, '.', '_', '-')
   --disk DISK         the disk of the VM (default: disk0)
   --bitmap NAME       caller-managed dirty bitmap of an NBD source
+  --scratch-dir DIR   qemu: where QEMU keeps the old content of blocks the
+                      guest overwrites during the backup (default: $TMPDIR,
+                      else /var/tmp)
+  --fsfreeze          qemu: freeze the guest's filesystems around the instant
+                      through qemu-guest-agent (--qga); if the agent does not
+                      answer within 2 s, warn and go on
+  --qga SOCKET        qemu: the guest agent's chardev socket
   --full              ignore bitmaps and read every allocated extent
   --threads N         worker threads for chunking, hashing, compression
                       (default: the number of cores)
@@ -49,13 +66,42 @@ snapshots untouched), 2 bad usage, 4 a backup of this VM is already running,
 130 interrupted (no snapshot recorded).
 )";
 
+void PrintReport(const SnapshotRecord& s) {
+  const LevelStats& st = s.stats;
+  uint64_t nonzero = s.size - st.zero;
+  std::printf("snapshot %s committed in %.1f s (%s)\n", s.Id().c_str(), s.duration_ms / 1000.0,
+              s.read_mode.c_str());
+  std::printf("  disk size       %12s\n", HumanSize(s.size).c_str());
+  std::printf("  read            %12s\n", HumanSize(st.read_bytes).c_str());
+  std::printf("  level 0 zero    %12s\n", HumanSize(st.zero).c_str());
+  std::printf("  level 1 segment %12s  (not read: unchanged since the parent)\n",
+              HumanSize(st.segment).c_str());
+  std::printf("  level 2 block   %12s  (found in the VM's own blocks)\n",
+              HumanSize(st.block).c_str());
+  std::printf("  level 3 cds     %12s  (found in the common data set)\n",
+              HumanSize(st.cds).c_str());
+  std::printf("  new             %12s  (%s of the non-zero data)\n",
+              HumanSize(st.new_bytes).c_str(), Percent(st.new_bytes, nonzero).c_str());
+  std::printf("  stored          %12s  (compressed) + %s metadata\n", HumanSize(st.stored).c_str(),
+              HumanSize(st.metadata).c_str());
+}
+
 }  // namespace
 
 int BackupCommand(int argc, char** argv) {
   auto args = Args::Parse(argc, argv, 2,
-                          {{"repo", 'r', true}, {"vm", 0, true}, {"disk", 0, true},
-                           {"bitmap", 0, true}, {"full", 0, false}, {"threads", 0, true},
-                           {"json", 0, false}, {"quiet", 'q', false}, {"help", 'h', false}});
+                          {{"repo", 'r', true},
+                           {"vm", 0, true},
+                           {"disk", 0, true},
+                           {"bitmap", 0, true},
+                           {"full", 0, false},
+                           {"threads", 0, true},
+                           {"json", 0, false},
+                           {"quiet", 'q', false},
+                           {"help", 'h', false},
+                           {"scratch-dir", 0, true},
+                           {"fsfreeze", 0, false},
+                           {"qga", 0, true}});
   if (!args.ok()) return ReportError(args.status());
   if (args->Has("help")) {
     std::fputs(kHelp, stdout);
@@ -74,6 +120,55 @@ int BackupCommand(int argc, char** argv) {
 
   const bool json = args->Has("json");
   const bool quiet = args->Has("quiet");
+  if (args->positionals()[0].rfind("qemu:", 0) == 0) {
+    LiveBackupOptions o;
+    o.vm = *args->Get("vm");
+    o.qmp_socket = args->positionals()[0].substr(5);
+    o.disks = args->GetAll("disk");
+    o.full = args->Has("full");
+    o.threads = *threads;
+    o.scratch_dir = args->Get("scratch-dir").value_or("");
+    o.fsfreeze = args->Has("fsfreeze");
+    o.qga_socket = args->Get("qga").value_or("");
+    o.cancel = &CancelFlag();
+    if (o.qmp_socket.empty() || args->Has("bitmap")) {
+      std::fputs(kHelp, stderr);
+      return kExitUsage;
+    }
+    ProgressLine progress(!quiet && StderrIsTerminal());
+    o.progress = [&](const std::string& disk, const BackupProgress& p) {
+      progress.Update("backup " + disk, p.done_bytes, p.total_bytes,
+                      "read " + HumanSize(p.read_bytes) + ", stored " + HumanSize(p.stored_bytes));
+    };
+    o.note = [&](const std::string& line) {
+      if (!quiet) {
+        progress.Finish();
+        std::fprintf(stderr, "%s\n", line.c_str());
+      }
+    };
+    auto snaps = RunLiveBackupJob(**repo, o);
+    progress.Finish();
+    if (!snaps.ok()) {
+      if (snaps.status().IsAborted())
+        std::fprintf(stderr, "vmdedup: backup interrupted; no snapshot was recorded\n");
+      return ReportError(snaps.status());
+    }
+    if (json) {
+      nlohmann::json all = nlohmann::json::array();
+      for (const auto& s : *snaps) all.push_back(SnapshotJson(s));
+      std::puts(all.dump().c_str());
+    } else if (!quiet) {
+      for (const auto& s : *snaps) PrintReport(s);
+    }
+    return kExitOk;
+  }
+  if (args->GetAll("disk").size() > 1 || args->Has("fsfreeze") || args->Has("qga") ||
+      args->Has("scratch-dir")) {
+    std::fprintf(stderr,
+                 "vmdedup: repeated --disk, --fsfreeze, --qga and --scratch-dir are for qemu: "
+                 "sources\n");
+    return kExitUsage;
+  }
   BackupJobOptions o;
   o.vm = *args->Get("vm");
   if (auto d = args->Get("disk")) o.disk = *d;
@@ -104,20 +199,7 @@ int BackupCommand(int argc, char** argv) {
   if (json) {
     std::puts(SnapshotJson(s).dump().c_str());
   } else if (!quiet) {
-    const LevelStats& st = s.stats;
-    uint64_t nonzero = s.size - st.zero;
-    std::printf("snapshot %s committed in %.1f s (%s)\n", s.Id().c_str(), s.duration_ms / 1000.0,
-                s.read_mode.c_str());
-    std::printf("  disk size       %12s\n", HumanSize(s.size).c_str());
-    std::printf("  read            %12s\n", HumanSize(st.read_bytes).c_str());
-    std::printf("  level 0 zero    %12s\n", HumanSize(st.zero).c_str());
-    std::printf("  level 1 segment %12s  (not read: unchanged since the parent)\n", HumanSize(st.segment).c_str());
-    std::printf("  level 2 block   %12s  (found in the VM's own blocks)\n", HumanSize(st.block).c_str());
-    std::printf("  level 3 cds     %12s  (found in the common data set)\n", HumanSize(st.cds).c_str());
-    std::printf("  new             %12s  (%s of the non-zero data)\n", HumanSize(st.new_bytes).c_str(),
-                Percent(st.new_bytes, nonzero).c_str());
-    std::printf("  stored          %12s  (compressed) + %s metadata\n", HumanSize(st.stored).c_str(),
-                HumanSize(st.metadata).c_str());
+    PrintReport(s);
   }
   return kExitOk;
 }

@@ -13,6 +13,8 @@ int SnapshotsCommand(int argc, char** argv);
 int RestoreCommand(int argc, char** argv);
 int CheckCommand(int argc, char** argv);
 int StatsCommand(int argc, char** argv);
+int StatusCommand(int argc, char** argv);
+int ServeCommand(int argc, char** argv);
 
 // Set by SIGINT/SIGTERM; long-running work stops at the next segment.
 std::atomic<bool>& CancelFlag();

@@ -18,7 +18,8 @@ Options:
                         dirty bitmap granularity (64K by default in QEMU).
   --chunker KIND        how segments are cut into blocks: 'cdc' (content
                         defined, ~4 KiB average, 1-16 KiB) or 'fixed' (4 KiB).
-                        Default: fixed (see docs/chunking.md for the numbers).
+                        Default: cdc (3% less stored data and 21% less
+                        metadata on a Debian fleet: docs/chunking.md).
   --compression-level N zstd level for new blocks: 1-19, or -7 to -1 for zstd's
                         fast levels (default 1: on 4 KiB blocks of Debian
                         guests it compresses 30% faster than level 3 and
@@ -54,8 +55,6 @@ int InitCommand(int argc, char** argv) {
     return kExitUsage;
   }
   RepoConfig cfg;
-  cfg.chunker.kind = ChunkerKind::kFixed;
-  cfg.chunker.avg_size = 4096;
   if (auto s = args->Get("segment-size")) {
     auto v = ParseSize(*s);
     if (!v.ok()) return ReportError(v.status());

@@ -33,6 +33,7 @@ Commands:
   restore     write a snapshot to a raw or qcow2 image
   check       verify a repository's metadata (and with --read-data, all data)
   stats       totals per VM and for the repository
+  status      a running QEMU's disks, vmdedup's bitmaps on them, last snapshots
 
 Run 'vmdedup COMMAND --help' for a command's options.
 The repository is given with -r REPO or the environment variable VMDEDUP_REPO.
@@ -72,6 +73,8 @@ int main(int argc, char** argv) {
   if (cmd == "restore") return RestoreCommand(argc, argv);
   if (cmd == "check") return CheckCommand(argc, argv);
   if (cmd == "stats") return StatsCommand(argc, argv);
+  if (cmd == "status") return StatusCommand(argc, argv);
+  if (cmd == "serve") return ServeCommand(argc, argv);
   std::fprintf(stderr, "vmdedup: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
   return kExitUsage;
 }

@@ -17,9 +17,9 @@
 namespace vmdedup {
 namespace {
 
-constexpr uint64_t kWindowSegments = 64;         // extents are queried per window
-constexpr size_t kReadBatchBytes = 16u << 20;    // reads issued together
-constexpr size_t kMaxPendingRecipes = 512;       // recipes waiting for a container seal
+constexpr uint64_t kWindowSegments = 64;       // extents are queried per window
+constexpr size_t kReadBatchBytes = 16u << 20;  // reads issued together
+constexpr size_t kMaxPendingRecipes = 512;     // recipes waiting for a container seal
 // In-run index of the new blocks stored so far (about 72 bytes an entry).
 constexpr size_t kMaxRunIndexEntries = 512u << 10;
 
@@ -324,7 +324,8 @@ void BackupRun::Process(SegmentJob& job) {
         continue;
       }
       Fingerprint fp = ws.hasher.Hash(block);
-      if (auto it = parent_blocks.find(fp); it != parent_blocks.end() && it->second->length == len) {
+      if (auto it = parent_blocks.find(fp);
+          it != parent_blocks.end() && it->second->length == len) {
         p.ref = *it->second;
         p.level = Level::kBlock;
       } else if (auto hit = cds_->Lookup(fp); hit && hit->length == len) {
@@ -396,7 +397,8 @@ Status BackupRun::AppendNew(Piece& p) {
   snap_.stats.stored += info.record_len;
   snap_.stats.new_blocks++;
   if (run_index_.size() < kMaxRunIndexEntries)
-    run_index_.emplace(p.ref.fingerprint, StoredAt{p.ref.container, p.ref.offset, p.ref.record_len});
+    run_index_.emplace(p.ref.fingerprint,
+                       StoredAt{p.ref.container, p.ref.offset, p.ref.record_len});
   p.payload.clear();
   return Status::OK();
 }
@@ -421,11 +423,20 @@ Status BackupRun::Commit(SegmentJob& job) {
   for (Piece& p : job.pieces) {
     if (p.level == Level::kNew) RETURN_IF_ERROR(AppendNew(p));
     switch (p.level) {
-      case Level::kZero: st.zero += p.ref.length; break;
-      case Level::kSegment: st.segment += p.ref.length; break;
-      case Level::kBlock: st.block += p.ref.length; break;
-      case Level::kCds: st.cds += p.ref.length; break;
-      case Level::kNew: break;  // counted by AppendNew
+      case Level::kZero:
+        st.zero += p.ref.length;
+        break;
+      case Level::kSegment:
+        st.segment += p.ref.length;
+        break;
+      case Level::kBlock:
+        st.block += p.ref.length;
+        break;
+      case Level::kCds:
+        st.cds += p.ref.length;
+        break;
+      case Level::kNew:
+        break;  // counted by AppendNew
     }
     if (p.ref.kind == BlockKind::kZero && !recipe.blocks.empty() &&
         recipe.blocks.back().kind == BlockKind::kZero)
@@ -456,8 +467,8 @@ Status BackupRun::FlushReads() {
   for (SegmentJob* job : read_batch_)
     for (const Item& item : job->items)
       if (item.kind == Item::kDataRange)
-        reqs.push_back({job->offset + item.begin, item.end - item.begin,
-                        job->buffer.data() + item.begin});
+        reqs.push_back(
+            {job->offset + item.begin, item.end - item.begin, job->buffer.data() + item.begin});
   Status st = req_.source->ReadMany(reqs);
   if (!st.ok()) return st.WithContext("read " + req_.source->Describe());
   for (SegmentJob* job : read_batch_) {
@@ -520,7 +531,8 @@ Result<SnapshotRecord> BackupRun::Run() {
       auto job = std::make_unique<SegmentJob>();
       job->index = s;
       job->offset = s * cfg_.segment_size;
-      job->length = static_cast<uint32_t>(std::min<uint64_t>(cfg_.segment_size, size - job->offset));
+      job->length =
+          static_cast<uint32_t>(std::min<uint64_t>(cfg_.segment_size, size - job->offset));
       failure = PlanSegment(*job, alloc, use_dirty ? &dirty : nullptr);
       if (!failure.ok()) break;
       SegmentJob* raw = job.get();
@@ -558,7 +570,8 @@ Result<SnapshotRecord> BackupRun::Run() {
   WriteBatch commit;
   std::string seg_key = SnapshotSegmentsKey(snap_.disk, snap_.seq);
   commit.Put(seg_key, EncodeSegmentList(seg_key, segments_));
-  commit.Put(CounterKey("seq/" + snap_.disk), EncodeCounter(CounterKey("seq/" + snap_.disk), snap_.seq + 1));
+  commit.Put(CounterKey("seq/" + snap_.disk),
+             EncodeCounter(CounterKey("seq/" + snap_.disk), snap_.seq + 1));
   snap_.stats.metadata += commit.bytes();
   std::string key = SnapshotKey(snap_.disk, snap_.seq);
   std::string value = EncodeSnapshot(key, snap_);

@@ -52,7 +52,11 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
   const ImageBitmap* parent_bm = nullptr;
   std::vector<std::string> orphans;
   for (const ImageBitmap& b : info.bitmaps) {
-    if (b.name.rfind(prefix, 0) != 0) continue;  // not ours: never touched
+    // Ours are PREFIX followed by digits only (the prefix of disk "a" is
+    // also a prefix of disk "a.5"'s bitmaps); others are never touched.
+    if (b.name.rfind(prefix, 0) != 0 || b.name.size() == prefix.size() ||
+        b.name.find_first_not_of("0123456789", prefix.size()) != std::string::npos)
+      continue;
     if (b.name == parent_bitmap)
       parent_bm = &b;
     else if (older.count(b.name))
@@ -62,6 +66,9 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
   }
   bool parent_usable = parent_bm != nullptr && !parent_bm->in_use;
   bool recovered = false;
+  // Merge and enable before removing anything: were the parent's bitmap
+  // still disabled when an orphan is gone, a crash in between would leave
+  // later writes tracked by no bitmap (the next backup would read it all).
   for (const std::string& name : orphans) {
     auto it = std::find_if(info.bitmaps.begin(), info.bitmaps.end(),
                            [&](const ImageBitmap& b) { return b.name == name; });
@@ -69,9 +76,9 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
       RETURN_IF_ERROR(MergeBitmap(info.path, name, parent_bitmap));
       recovered = true;
     }
-    RETURN_IF_ERROR(RemoveBitmap(info.path, name));
   }
   if (recovered && !parent_bm->enabled) RETURN_IF_ERROR(EnableBitmap(info.path, parent_bitmap));
+  for (const std::string& name : orphans) RETURN_IF_ERROR(RemoveBitmap(info.path, name));
 
   if (!parent) {
     plan.reason = "full: first backup of " + o.vm + "/" + o.disk;
@@ -86,8 +93,8 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
     plan.reason = "full: bitmap " + parent_bitmap +
                   " is missing from the image (removed, or the image was replaced)";
   } else if (parent_bm->in_use) {
-    plan.reason = "full: bitmap " + parent_bitmap +
-                  " is inconsistent (the image was not closed cleanly)";
+    plan.reason =
+        "full: bitmap " + parent_bitmap + " is inconsistent (the image was not closed cleanly)";
   } else if (!parent_bm->enabled && !recovered) {
     plan.reason = "full: bitmap " + parent_bitmap + " was disabled, so writes may be missing";
   } else {
@@ -95,7 +102,8 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
     plan.export_name = parent_bitmap;
     plan.reason = "incremental: dirty bitmap " + parent_bitmap + " since " + parent->Id();
   }
-  if (!plan.incremental && parent_bm != nullptr) RETURN_IF_ERROR(RemoveBitmap(info.path, parent_bitmap));
+  if (!plan.incremental && parent_bm != nullptr)
+    RETURN_IF_ERROR(RemoveBitmap(info.path, parent_bitmap));
 
   plan.new_name = prefix + std::to_string(next_seq);
   RETURN_IF_ERROR(AddBitmap(info.path, plan.new_name, /*enabled=*/true));
@@ -118,8 +126,9 @@ void RollBackImageBitmaps(const std::string& path, const ImageBitmapPlan& plan,
     // Without a parent bitmap the next backup reads everything anyway.
     st = RemoveBitmap(path, plan.new_name);
   }
-  if (!st.ok()) Note(o, "warning: could not restore the dirty bitmaps of " + path + ": " + st.ToString() +
-                            " (the next backup will detect it)");
+  if (!st.ok())
+    Note(o, "warning: could not restore the dirty bitmaps of " + path + ": " + st.ToString() +
+                " (the next backup will detect it)");
 }
 
 bool IsNbdUri(const std::string& s) {
@@ -158,9 +167,11 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
   std::string image_path;
   if (o.source.rfind("file:", 0) == 0) {
     image_path = o.source.substr(5);
-    if (image_path.empty()) return Status::InvalidArgument("source 'file:' needs a path: file:PATH");
+    if (image_path.empty())
+      return Status::InvalidArgument("source 'file:' needs a path: file:PATH");
     if (o.bitmap)
-      return Status::InvalidArgument("--bitmap is for NBD URIs; vmdedup manages the bitmaps of qcow2 images itself");
+      return Status::InvalidArgument(
+          "--bitmap is for NBD URIs; vmdedup manages the bitmaps of qcow2 images itself");
     ASSIGN_OR_RETURN(ImageInfo info, InspectImage(image_path));
     if (info.format != "raw" && info.format != "qcow2")
       return Status::InvalidArgument(image_path + " is a " + info.format +
@@ -226,7 +237,8 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
   if (plan && plan->incremental) {
     Status st = RemoveBitmap(image_path, plan->export_name);
     if (!st.ok())
-      Note(o, "warning: could not remove the old bitmap " + plan->export_name + ": " + st.ToString());
+      Note(o,
+           "warning: could not remove the old bitmap " + plan->export_name + ": " + st.ToString());
   }
   return snap;
 }

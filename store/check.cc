@@ -30,10 +30,12 @@ class VmCheck {
 
  private:
   void Error(std::string msg, std::vector<std::string> snaps = {}) {
-    report_.findings.push_back({CheckFinding::Kind::kError, vm_.vm(), std::move(msg), std::move(snaps), 0});
+    report_.findings.push_back(
+        {CheckFinding::Kind::kError, vm_.vm(), std::move(msg), std::move(snaps), 0});
   }
   void Reclaimable(std::string msg, uint64_t bytes) {
-    report_.findings.push_back({CheckFinding::Kind::kReclaimable, vm_.vm(), std::move(msg), {}, bytes});
+    report_.findings.push_back(
+        {CheckFinding::Kind::kReclaimable, vm_.vm(), std::move(msg), {}, bytes});
     report_.reclaimable_bytes += bytes;
   }
   std::vector<std::string> SnapshotsUsingRecipes(const std::set<uint64_t>& bad);
@@ -119,8 +121,8 @@ Status VmCheck::Run() {
       auto it = recipes_.find(id);
       uint64_t len = std::min<uint64_t>(s.segment_size, s.size - i * s.segment_size);
       if (it == recipes_.end()) {
-        Error("snapshot " + s.Id() + ": segment " + std::to_string(i) + " refers to missing recipe " +
-                  SegmentRecipeKey(id),
+        Error("snapshot " + s.Id() + ": segment " + std::to_string(i) +
+                  " refers to missing recipe " + SegmentRecipeKey(id),
               {s.Id()});
       } else if (it->second.length != len) {
         Error("snapshot " + s.Id() + ": segment " + std::to_string(i) + " recipe " +
@@ -141,14 +143,15 @@ Status VmCheck::Run() {
     for (const BlockRef& b : it->second.blocks) {
       if (b.kind == BlockKind::kZero) continue;
       if (b.kind == BlockKind::kCds) {
-        Error("recipe " + SegmentRecipeKey(id) + " refers to the CDS area, which this repository does not have");
+        Error("recipe " + SegmentRecipeKey(id) +
+              " refers to the CDS area, which this repository does not have");
         bad_recipes.insert(id);
         continue;
       }
       auto c = containers_.find(b.container);
       if (c == containers_.end()) {
-        Error("recipe " + SegmentRecipeKey(id) + " refers to container " + ContainerKey(b.container) +
-              ", which is not in the catalog");
+        Error("recipe " + SegmentRecipeKey(id) + " refers to container " +
+              ContainerKey(b.container) + ", which is not in the catalog");
         bad_recipes.insert(id);
       } else if (static_cast<uint64_t>(b.offset) + b.record_len > c->second.size) {
         Error("recipe " + SegmentRecipeKey(id) + " refers past the end of " + c->second.object);
@@ -171,14 +174,15 @@ Status VmCheck::Run() {
     auto size = repo_.objects()->Size(rec.object);
     if (!size.ok()) {
       if (referenced)
-        Error("container " + rec.object + ": " + size.status().ToString(), SnapshotsUsingContainer(cid));
+        Error("container " + rec.object + ": " + size.status().ToString(),
+              SnapshotsUsingContainer(cid));
       else
         Reclaimable("catalogued container " + rec.object + " is missing and unreferenced", 0);
       continue;
     }
     if (*size != rec.size) {
-      Error("container " + rec.object + " has " + std::to_string(*size) + " bytes, the catalog says " +
-                std::to_string(rec.size),
+      Error("container " + rec.object + " has " + std::to_string(*size) +
+                " bytes, the catalog says " + std::to_string(rec.size),
             referenced ? SnapshotsUsingContainer(cid) : std::vector<std::string>{});
       continue;
     }
@@ -191,16 +195,18 @@ Status VmCheck::Run() {
     Status st = repo_.objects()->Get(rec.object, &data);
     std::set<Ref> valid;
     if (st.ok()) {
-      st = ForEachBlockRecord(data, cid, rec.object, [&](const BlockRecordInfo& info, std::string_view record) {
-        RETURN_IF_ERROR(DecodeBlockRecord(record, &info.fingerprint, &plain, rec.object));
-        if (hasher.Hash({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) != info.fingerprint)
-          return Status::Corruption(rec.object + " at offset " + std::to_string(info.offset) +
-                                    ": content does not match its fingerprint");
-        report_.blocks_verified++;
-        report_.bytes_verified += plain.size();
-        valid.insert({info.offset, info.record_len, info.fingerprint});
-        return Status::OK();
-      });
+      st = ForEachBlockRecord(
+          data, cid, rec.object, [&](const BlockRecordInfo& info, std::string_view record) {
+            RETURN_IF_ERROR(DecodeBlockRecord(record, &info.fingerprint, &plain, rec.object));
+            if (hasher.Hash({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) !=
+                info.fingerprint)
+              return Status::Corruption(rec.object + " at offset " + std::to_string(info.offset) +
+                                        ": content does not match its fingerprint");
+            report_.blocks_verified++;
+            report_.bytes_verified += plain.size();
+            valid.insert({info.offset, info.record_len, info.fingerprint});
+            return Status::OK();
+          });
     }
     if (!st.ok()) {
       Error(st.ToString(), SnapshotsUsingContainer(cid));
@@ -262,7 +268,8 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
     auto vm = repo.OpenVm(name, Repository::Access::kRead);
     if (!vm.ok()) {
       if (vm.status().IsBusy()) {
-        report.findings.push_back({CheckFinding::Kind::kSkipped, name, vm.status().message(), {}, 0});
+        report.findings.push_back(
+            {CheckFinding::Kind::kSkipped, name, vm.status().message(), {}, 0});
         continue;
       }
       if (!options.vm.empty()) return vm.status();
@@ -280,8 +287,10 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
   RETURN_IF_ERROR(repo.objects()->ListTemporary("", &temps));
   for (const auto& t : temps) {
     if (t.writer_may_be_alive) continue;
-    report.findings.push_back({CheckFinding::Kind::kReclaimable, "",
-                               "temporary object " + t.name + " left by an interrupted write", {},
+    report.findings.push_back({CheckFinding::Kind::kReclaimable,
+                               "",
+                               "temporary object " + t.name + " left by an interrupted write",
+                               {},
                                t.bytes});
     report.reclaimable_bytes += t.bytes;
   }

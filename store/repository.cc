@@ -124,11 +124,13 @@ std::string ReadLockHolder(const std::string& lock_path) {
 Status ValidateRepoConfig(const RepoConfig& c) {
   if (c.segment_size < (64u << 10) || c.segment_size > (64u << 20) ||
       (c.segment_size & (c.segment_size - 1)) != 0)
-    return Status::InvalidArgument("segment size must be a power of two from 64 KiB to 64 MiB, got " +
-                                   std::to_string(c.segment_size));
+    return Status::InvalidArgument(
+        "segment size must be a power of two from 64 KiB to 64 MiB, got " +
+        std::to_string(c.segment_size));
   if (c.compression_level < -7 || c.compression_level > 19 || c.compression_level == 0)
-    return Status::InvalidArgument("compression level must be 1 to 19 (or -7 to -1 for zstd's fast levels), got " +
-                                   std::to_string(c.compression_level));
+    return Status::InvalidArgument(
+        "compression level must be 1 to 19 (or -7 to -1 for zstd's fast levels), got " +
+        std::to_string(c.compression_level));
   if (c.container_capacity < (1u << 20) || c.container_capacity > (64u << 20))
     return Status::InvalidArgument("container capacity must be 1 to 64 MiB");
   if (c.chunker.max_size > c.segment_size)
@@ -142,15 +144,15 @@ Repository::Repository(std::string path, RepoConfig config)
     : path_(std::move(path)), config_(std::move(config)) {}
 Repository::~Repository() = default;
 
-Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path,
-                                                       RepoConfig config) {
+Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, RepoConfig config) {
   RETURN_IF_ERROR(ValidateRepoConfig(config));
   std::error_code ec;
   if (fs::exists(path, ec)) {
     if (!fs::is_directory(path, ec))
       return Status::InvalidArgument(path + " exists and is not a directory");
     if (!fs::is_empty(path, ec))
-      return Status::InvalidArgument(path + " is not empty; vmdedup init needs a new or empty directory");
+      return Status::InvalidArgument(path +
+                                     " is not empty; vmdedup init needs a new or empty directory");
   }
   fs::create_directories(path, ec);
   if (ec) return Status::FromErrno(ec.value(), "create " + path);
@@ -331,7 +333,8 @@ Result<SegmentRecipe> VmStore::GetSegmentRecipe(uint64_t id) {
   RETURN_IF_ERROR(st);
   SegmentRecipe r;
   RETURN_IF_ERROR(DecodeSegmentRecipe(key, value, &r));
-  if (r.id != id) return Status::Corruption("segment recipe " + key + " holds id " + std::to_string(r.id));
+  if (r.id != id)
+    return Status::Corruption("segment recipe " + key + " holds id " + std::to_string(r.id));
   return r;
 }
 
@@ -370,7 +373,8 @@ Result<SnapshotRef> ParseSnapshotRef(const std::string& text) {
   SnapshotRef ref;
   size_t a = text.find('/');
   size_t b = a == std::string::npos ? a : text.find('/', a + 1);
-  if (a == std::string::npos || b == std::string::npos || text.find('/', b + 1) != std::string::npos)
+  if (a == std::string::npos || b == std::string::npos ||
+      text.find('/', b + 1) != std::string::npos)
     return Status::InvalidArgument("snapshot '" + text +
                                    "' must be written VM/DISK/N or VM/DISK/latest");
   ref.vm = text.substr(0, a);

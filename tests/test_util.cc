@@ -74,9 +74,12 @@ CommandResult RunCommand(const std::vector<std::string>& argv) {
 CommandResult RunShell(const std::string& script) { return RunCommand({"/bin/sh", "-c", script}); }
 
 std::string FileSha256(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) return "";
-  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string data(static_cast<size_t>(in.tellg()), '\0');
+  in.seekg(0);
+  in.read(data.data(), static_cast<std::streamsize>(data.size()));
+  if (!in) return "";
   return Sha256({reinterpret_cast<const uint8_t*>(data.data()), data.size()}).Hex();
 }
 

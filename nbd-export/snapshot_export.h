@@ -1,0 +1,139 @@
+// SnapshotExport: one snapshot as a read-only block device — the logic of
+// the NBD export, kept apart from nbdkit so that it can be tested in-process.
+//
+// Reads go through SnapshotReader (engine/snapshot_reader.h), the read path
+// restore uses: every block record's checksum is verified and its plaintext
+// re-hashed against the recipe's fingerprint, so a damaged byte fails the
+// read with Corruption naming the snapshot and the object, never wrong data.
+// A segment is decoded whole and kept in an LRU cache of decoded segments
+// bounded by `cache_bytes`; a damaged block fails reads of its whole segment
+// (default 2 MiB), other segments stay readable.
+//
+// Extents come from the recipes without reading data: an all-zero segment
+// (segment id 0) and the zero blocks of a segment are zero (hole|zero), all
+// else is data. The zero/data layout of recently used segments is cached too.
+//
+// Read-ahead: a read of segment i while segment i-1 is cached (a sequential
+// reader: a copy, QEMU's block-stream) queues the decode of the next
+// `readahead` segments on a background thread, so that decoding overlaps
+// the sending of data. Random readers do not trigger it.
+//
+// Memory: at most cache_bytes of decoded segments, plus one segment buffer
+// per decode in progress (at most `decoders` at a time), plus a pool of up
+// to decoders + readahead + 2 spare segment buffers (reused, so that a
+// decode does not fault in fresh pages), plus a small layout cache
+// (cache_bytes / 64, at least 1 MiB), plus 8 bytes per segment of the disk
+// for the snapshot's segment list.
+//
+// Thread model: Open on one thread; afterwards Read, Extents and stats may be
+// called from any number of threads at once (nbdkit's parallel model).
+// The export holds the VM's metadata store open read-only for its lifetime:
+// a backup of the same VM gets Busy meanwhile.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <semaphore>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "base/status.h"
+#include "engine/snapshot_reader.h"
+#include "nbd-export/lru_cache.h"
+#include "store/records.h"
+#include "store/repository.h"
+
+namespace vmdedup {
+
+struct ExportOptions {
+  uint64_t cache_bytes = 256ull << 20;
+  unsigned decoders = 0;   // segments decoded at once; 0: the number of cores (at least 2)
+  unsigned readahead = 2;  // segments decoded ahead of a sequential reader; 0: none
+};
+
+struct ExportStats {
+  uint64_t reads = 0;  // Read calls
+  uint64_t read_bytes = 0;
+  uint64_t read_errors = 0;
+  uint64_t decoded_segments = 0;
+  uint64_t readahead_segments = 0;  // decoded by read-ahead
+  LruCacheStats segments;           // decoded-segment cache
+  LruCacheStats layouts;            // zero/data layout cache
+};
+
+class SnapshotExport {
+ public:
+  // `snapshot` is "VM/DISK/SEQ" or "VM/DISK/latest". Errors: NotFound (no
+  // repository, VM or snapshot), Busy (a backup holds the VM), Corruption.
+  static Result<std::unique_ptr<SnapshotExport>> Open(const std::string& repo_path,
+                                                      const std::string& snapshot,
+                                                      const ExportOptions& options);
+  ~SnapshotExport();
+
+  const SnapshotRecord& snapshot() const { return reader_->snapshot(); }
+  uint64_t size() const { return reader_->snapshot().size; }
+
+  // Fills buf[0, count) with the snapshot's bytes at `offset`.
+  // InvalidArgument beyond size(); Corruption/IOError/NotFound from the
+  // store, with the snapshot, segment and object named in the message.
+  Status Read(uint8_t* buf, uint64_t count, uint64_t offset);
+
+  // Calls fn(offset, length, zero) for consecutive extents starting at
+  // `offset` (neighbours with the same kind merged), covering at least
+  // [offset, offset + 1) and at most up to the end of the segment holding
+  // offset + count - 1 (fewer when `max_segments` segments were examined,
+  // or just the first extent with `first_only`). fn may stop the walk by
+  // returning a non-OK Status, which is returned.
+  Status Extents(uint64_t offset, uint64_t count, bool first_only,
+                 const std::function<Status(uint64_t, uint64_t, bool)>& fn,
+                 uint64_t max_segments = 1024);
+
+  ExportStats stats() const;
+
+ private:
+  class BufferPool;
+  struct Decoded {
+    std::unique_ptr<uint8_t[]> bytes;
+    uint32_t length = 0;
+    std::shared_ptr<BufferPool> pool;  // gets `bytes` back
+    ~Decoded();
+  };
+  // Data (non-zero) ranges of a segment, relative to its start, sorted.
+  struct Layout {
+    std::vector<std::pair<uint32_t, uint32_t>> data;
+  };
+
+  SnapshotExport(std::unique_ptr<Repository> repo, std::unique_ptr<VmStore> vm,
+                 const ExportOptions& options);
+  Result<std::shared_ptr<const Layout>> GetLayout(uint64_t index);
+  Result<std::shared_ptr<const Decoded>> GetSegment(uint64_t index);
+  // Queues segments after `index` for read-ahead.
+  void ReadAhead(uint64_t index);
+  void ReadAheadWorker();
+
+  std::unique_ptr<Repository> repo_;
+  std::unique_ptr<VmStore> vm_;
+  std::unique_ptr<SnapshotReader> reader_;
+  std::vector<uint64_t> segment_ids_;  // 0: all zero
+  LruCache<Decoded> segments_;
+  LruCache<Layout> layouts_;
+  std::unique_ptr<std::counting_semaphore<>> decode_slots_;
+  std::shared_ptr<BufferPool> pool_;
+  unsigned decoders_ = 0;
+  const unsigned readahead_;
+  std::mutex ra_mu_;
+  std::condition_variable ra_cv_;
+  std::deque<uint64_t> ra_queue_;
+  std::thread ra_thread_;  // started at the first read-ahead (after nbdkit forked)
+  bool ra_stop_ = false;
+  std::atomic<uint64_t> reads_{0}, read_bytes_{0}, read_errors_{0}, decoded_{0}, ra_decoded_{0};
+};
+
+}  // namespace vmdedup
