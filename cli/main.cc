@@ -31,6 +31,7 @@ Commands:
   backup      back up a disk image or an NBD export into a repository
   snapshots   list snapshots with what each deduplication level removed
   restore     write a snapshot to a raw or qcow2 image
+  serve       export a snapshot over NBD (read-only) for QEMU, nbdcopy, qemu-img
   check       verify a repository's metadata (and with --read-data, all data)
   stats       totals per VM and for the repository
   status      a running QEMU's disks, vmdedup's bitmaps on them, last snapshots

@@ -92,7 +92,7 @@ bool IsZeroExtent(const Extent& e) { return (e.flags & (Extent::kHole | Extent::
 struct WorkerState {
   Sha256Hasher hasher;
   std::unique_ptr<Compressor> compressor;
-  int level = -1;
+  int level = 0;  // 0 is no zstd level vmdedup accepts: "not set up yet"
 };
 
 class BackupRun {
