@@ -390,7 +390,8 @@ class ServeTest : public ::testing::Test {
     // A discarded range (a hole) and written zeros (zero blocks).
     MustRun(
         {"qemu-io", "-f", "qcow2", "-c", "discard 8M 2M", "-c", "write -P 0 14M 256k", w.image});
-    MustRun({VmdedupBinary(), "init", w.repo});
+    MustRun({VmdedupBinary(), "init", "--chunker", "fixed",
+             w.repo});  // 4 KiB blocks: the tests find blocks by offset
     MustRun({VmdedupBinary(), "backup", "-r", w.repo, "--vm", "vm1", "--disk", "vda", "-q",
              "file:" + w.image});
     MustRun({"qemu-img", "convert", "-q", "-O", "raw", w.image, w.snap1_raw});
@@ -741,7 +742,7 @@ class TestCds final : public CommonBlockIndex {
 
 TEST_F(ServeTest, SnapshotWithCdsReferences) {
   std::string repo_path = dir_.Sub("cds-repo");
-  MustRun({VmdedupBinary(), "init", repo_path});
+  MustRun({VmdedupBinary(), "init", "--chunker", "fixed", repo_path});
   // Half of the image's first 4 MiB goes to the CDS area beforehand.
   std::string image = ReadFileBytes(w().snap1_raw);
   TestCds cds;
