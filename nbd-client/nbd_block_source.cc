@@ -630,9 +630,29 @@ Result<std::unique_ptr<BlockSource>> OpenImageFile(const ImageFileOptions& optio
   // it runs under `sh -c 'exec "$@" 2>FILE'`. exec keeps the pid, which the
   // socket activation protocol (LISTEN_PID) needs. The arguments are passed
   // as positional parameters, never parsed by the shell.
-  std::vector<std::string> args = {
-      *shell,    "-c",          "exec \"$@\" 2>\"$0\"",      capture->file(),
-      *qemu_nbd, "--read-only", "--format=" + options.format};
+  //
+  // qemu-nbd must not outlive vmdedup (a leftover server holds the image and
+  // blocks every later backup of it): setpriv(1) sets a parent-death signal
+  // (SIGKILL) before exec, and the shell then checks that its parent is
+  // still this process, which closes the race with a kill before the
+  // signal was set. The parent-death signal follows the thread that forked
+  // (libnbd forks on the caller's thread): open image files on a thread
+  // that outlives the source.
+  std::vector<std::string> args;
+  if (std::optional<std::string> setpriv = FindProgram("setpriv")) {
+    args = {*setpriv,
+            "--pdeathsig",
+            "KILL",
+            "--",
+            *shell,
+            "-c",
+            "[ \"$PPID\" = \"$1\" ] || exit 1; shift; exec \"$@\" 2>\"$0\"",
+            capture->file(),
+            std::to_string(getpid())};
+  } else {
+    args = {*shell, "-c", "exec \"$@\" 2>\"$0\"", capture->file()};
+  }
+  args.insert(args.end(), {*qemu_nbd, "--read-only", "--format=" + options.format});
   if (options.bitmap) {
     args.push_back("--bitmap=" + *options.bitmap);
   }

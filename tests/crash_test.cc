@@ -17,15 +17,14 @@
 //    call, for every k of a normal incremental backup and of a backup that
 //    recovers from a crash; the next backup must stay incremental and exact.
 //
-//  - DISABLED_KillWhileQemuNbdStartsLeavesNoServerBehind: reproduces a
-//    known bug (a qemu-nbd outliving a vmdedup killed during the NBD
-//    handshake blocks every later backup of the image); enable once fixed.
+//  - KillWhileQemuNbdStartsLeavesNoServerBehind: vmdedup killed while its
+//    qemu-nbd starts; the qemu-nbd must die with it (a leftover server would
+//    hold the image and block every later backup of it).
 //
 // Processes the killed vmdedup leaves behind (qemu-img, qemu-nbd) are
 // re-parented to this test (a child subreaper), which waits for them before
-// touching the image again, and kills any survivor by pid. RandomKills
-// tolerates (counts, kills, reports) the known qemu-nbd leak unless
-// VMDEDUP_CRASH_STRICT is set. VMDEDUP_CRASH_SEED replays another seed.
+// touching the image again; a survivor fails the test and is killed by pid.
+// VMDEDUP_CRASH_SEED replays another seed.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -269,11 +268,8 @@ class CrashTest : public ::testing::Test {
 
   // Waits for every remaining child: what killed runs left behind
   // (qemu-img finishing a bitmap step, qemu-nbd noticing its client is
-  // gone). Survivors are killed by pid and fail the test, except, where
-  // tolerated, a qemu-nbd of our image still alive after 2 s: vmdedup killed
-  // before the NBD handshake completed leaves it serving forever (known bug,
-  // see DISABLED_KillWhileQemuNbdStartsLeavesNoServerBehind); it is counted
-  // and killed, as an operator would have to.
+  // gone). Survivors after 20 s (5 s for a qemu-nbd of our image) are
+  // killed by pid and fail the test.
   void ReapOrphans() {
     const auto start = Clock::now();
     while (true) {
@@ -290,14 +286,7 @@ class CrashTest : public ::testing::Test {
               return k.cmdline.find("qemu-nbd") != std::string::npos &&
                      k.cmdline.find(image_) != std::string::npos;
             });
-        if (only_leaked_nbd && tolerate_leaked_qemu_nbd_) {
-          for (const ProcInfo& k : kids) {
-            std::cout << "known bug: qemu-nbd " << k.pid
-                      << " outlived the killed backup; killing it" << std::endl;
-            leaked_qemu_nbd_++;
-            kill(k.pid, SIGKILL);
-          }
-        } else if (elapsed > std::chrono::seconds(only_leaked_nbd ? 5 : 20)) {
+        if (elapsed > std::chrono::seconds(only_leaked_nbd ? 5 : 20)) {
           for (const ProcInfo& k : kids) {
             ADD_FAILURE() << "process " << k.pid << " left by a killed backup is still running "
                           << std::chrono::duration_cast<std::chrono::seconds>(elapsed).count()
@@ -551,8 +540,6 @@ class CrashTest : public ::testing::Test {
   int killed_before_commit_ = 0, killed_after_commit_ = 0, completed_ = 0;
   int finished_before_kill_ = 0;
   std::vector<int64_t> durations_us_;
-  bool tolerate_leaked_qemu_nbd_ = false;
-  int leaked_qemu_nbd_ = 0;
   size_t reclaimable_findings_ = 0;
   uint64_t last_reclaimable_bytes_ = 0;
   size_t last_findings_ = 0;
@@ -563,7 +550,6 @@ class CrashTest : public ::testing::Test {
 TEST_F(CrashTest, RandomKillsLeaveEverySnapshotRestorableAndIncrementalsExact) {
   constexpr int kIterations = 55;
   auto test_start = Clock::now();
-  tolerate_leaked_qemu_nbd_ = std::getenv("VMDEDUP_CRASH_STRICT") == nullptr;
   // 48 MiB with 24 MiB of data: a backup takes long enough under ASan for
   // the kills to land in every phase.
   ASSERT_NO_FATAL_FAILURE(MakeImage(48 * kMiB, 24 * kMiB));
@@ -699,10 +685,8 @@ TEST_F(CrashTest, RandomKillsLeaveEverySnapshotRestorableAndIncrementalsExact) {
             << ", completed backups: " << completed_ << ", snapshots: " << expected_.size()
             << ", killed in the data phase: " << data_phase_kills_
             << ", runs that left leftovers: " << runs_leaving_leftovers_
-            << ", reclaimable findings seen: " << reclaimable_findings_
-            << ", leaked qemu-nbd killed: " << leaked_qemu_nbd_ << ", " << secs << " s"
+            << ", reclaimable findings seen: " << reclaimable_findings_ << ", " << secs << " s"
             << std::endl;
-  RecordProperty("leaked_qemu_nbd", leaked_qemu_nbd_);
   // The kills must really have interrupted backups, mostly before the commit.
   EXPECT_GE(killed_before_commit_ + killed_after_commit_, kIterations * 3 / 4);
   EXPECT_GE(killed_before_commit_, kIterations / 2);
@@ -809,7 +793,7 @@ kill -9 "$PPID"
 exec "$QNW_REAL" "$@"
 )";
 
-TEST_F(CrashTest, DISABLED_KillWhileQemuNbdStartsLeavesNoServerBehind) {
+TEST_F(CrashTest, KillWhileQemuNbdStartsLeavesNoServerBehind) {
   ASSERT_NO_FATAL_FAILURE(MakeImage(16 * kMiB, 4 * kMiB));
   ASSERT_NO_FATAL_FAILURE(CompleteBackup("first backup", /*expect_incremental=*/false));
   std::string bin = dir_.Sub("bin");
