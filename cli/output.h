@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "base/human_size.h"
 #include "base/status.h"
 #include "store/records.h"
 
@@ -23,7 +24,6 @@ constexpr int kExitDamaged = 3;  // check found damage
 constexpr int kExitBusy = 4;     // the VM or repository is locked by another vmdedup
 constexpr int kExitInterrupted = 130;
 
-std::string HumanSize(uint64_t bytes);
 std::string Percent(uint64_t part, uint64_t whole);
 // Prints "vmdedup: <status>" to stderr and returns the matching exit code.
 int ReportError(const Status& st);

@@ -4,24 +4,12 @@
 #include <memory>
 #include <set>
 
+#include "base/human_size.h"
 #include "dirty-bitmap/image_bitmaps.h"
 #include "nbd-client/block_source.h"
 
 namespace vmdedup {
 namespace {
-
-std::string HumanSize(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    u++;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
-}
 
 void Note(const BackupJobOptions& o, const std::string& line) {
   if (o.note) o.note(line);

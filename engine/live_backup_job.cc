@@ -6,6 +6,7 @@
 #include <optional>
 #include <set>
 
+#include "base/human_size.h"
 #include "dirty-bitmap/guest_agent.h"
 #include "dirty-bitmap/live_fleece.h"
 #include "dirty-bitmap/qmp_client.h"
@@ -16,19 +17,6 @@ namespace vmdedup {
 namespace {
 
 using nlohmann::json;
-
-std::string HumanSize(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    u++;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
-}
 
 // The seq in one of the series' bitmap names (prefix + decimal digits).
 std::optional<uint64_t> SeriesSeq(const std::string& name, const std::string& prefix) {
