@@ -32,6 +32,12 @@ class FdCloser {
   }
   FdCloser(const FdCloser&) = delete;
   FdCloser& operator=(const FdCloser&) = delete;
+  // Gives up ownership: the descriptor stays open.
+  int Release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
   // Closes now and reports the error close() may return.
   int Close() {
     int fd = fd_;
@@ -168,6 +174,30 @@ Status PreadAll(int fd, uint64_t offset, size_t n, char* out, const std::string&
   return Status::OK();
 }
 
+// One open object file; pread is safe from several threads.
+class FileObjectReader final : public ObjectReader {
+ public:
+  FileObjectReader(int fd, std::string name, uint64_t size)
+      : fd_(fd), name_(std::move(name)), size_(size) {}
+  ~FileObjectReader() override { ::close(fd_); }
+  Status ReadAt(uint64_t offset, uint64_t length, std::string* out) const override {
+    if (offset > size_ || length > size_ - offset) {
+      return Status::Corruption("object " + name_ + " truncated: range [" + std::to_string(offset) +
+                                ", +" + std::to_string(length) + ") past its size " +
+                                std::to_string(size_));
+    }
+    out->resize(length);
+    Status st = PreadAll(fd_, offset, length, out->data(), name_, size_);
+    if (!st.ok()) out->clear();
+    return st;
+  }
+
+ private:
+  int fd_;
+  std::string name_;
+  uint64_t size_;
+};
+
 // A temporary's writer may be alive while its PID exists on this host.
 bool WriterMayBeAlive(std::string_view temp_name) {
   std::string_view last = LastComponent(temp_name);
@@ -244,6 +274,11 @@ class LocalObjectStore final : public ObjectStore {
 
   Status GetRange(const std::string& name, uint64_t offset, uint64_t length,
                   std::string* out) override {
+    ASSIGN_OR_RETURN(std::unique_ptr<ObjectReader> reader, OpenReader(name));
+    return reader->ReadAt(offset, length, out);
+  }
+
+  Result<std::unique_ptr<ObjectReader>> OpenReader(const std::string& name) override {
     RETURN_IF_ERROR(ValidateObjectName(name));
     std::string path = Path(name);
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -252,16 +287,9 @@ class LocalObjectStore final : public ObjectStore {
     struct stat sb;
     if (::fstat(fd, &sb) != 0) return Status::FromErrno(errno, "stat " + path);
     if (!S_ISREG(sb.st_mode)) return Status::NotFound("object " + name + ": not a file");
-    uint64_t size = static_cast<uint64_t>(sb.st_size);
-    if (offset > size || length > size - offset) {
-      return Status::Corruption("object " + name + " truncated: range [" + std::to_string(offset) +
-                                ", +" + std::to_string(length) + ") past its size " +
-                                std::to_string(size));
-    }
-    out->resize(length);
-    Status st = PreadAll(fd, offset, length, out->data(), name, size);
-    if (!st.ok()) out->clear();
-    return st;
+    closer.Release();
+    return std::unique_ptr<ObjectReader>(
+        new FileObjectReader(fd, name, static_cast<uint64_t>(sb.st_size)));
   }
 
   Result<uint64_t> Size(const std::string& name) override {

@@ -23,6 +23,16 @@
 
 namespace vmdedup {
 
+// Many small reads of one object, cheaper than GetRange each time (a local
+// store keeps the file open). The object must not change while the reader
+// lives (objects are immutable once written). Safe from several threads.
+class ObjectReader {
+ public:
+  virtual ~ObjectReader() = default;
+  // Reads exactly `length` bytes at `offset`; past the end is Corruption.
+  virtual Status ReadAt(uint64_t offset, uint64_t length, std::string* out) const = 0;
+};
+
 class ObjectStore {
  public:
   virtual ~ObjectStore() = default;
@@ -33,6 +43,9 @@ class ObjectStore {
   virtual Status GetRange(const std::string& name, uint64_t offset, uint64_t length,
                           std::string* out) = 0;
   virtual Result<uint64_t> Size(const std::string& name) = 0;
+  // A reader of `name` (NotFound when missing). The default reads through
+  // GetRange; the store must outlive the reader.
+  virtual Result<std::unique_ptr<ObjectReader>> OpenReader(const std::string& name);
   // Deleting a missing object is OK.
   virtual Status Delete(const std::string& name) = 0;
   // Names of all objects whose name starts with `prefix`, sorted.

@@ -93,6 +93,34 @@ TEST(LocalObjectStoreTest, GetRange) {
   EXPECT_TRUE(store->GetRange("missing", 0, 1, &got).IsNotFound());
 }
 
+TEST(LocalObjectStoreTest, ReaderReadsRangesOfOneOpenObject) {
+  ScratchDir dir;
+  auto store = NewLocalObjectStore(dir.path());
+  std::string data = RandomBytes(8192, 4);
+  ASSERT_TRUE(store->Put("d/obj", Bytes(data)).ok());
+  auto reader = store->OpenReader("d/obj");
+  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+  std::string got;
+  ASSERT_TRUE((*reader)->ReadAt(100, 1000, &got).ok());
+  EXPECT_EQ(got, data.substr(100, 1000));
+  ASSERT_TRUE((*reader)->ReadAt(8192, 0, &got).ok());
+  EXPECT_EQ(got, "");
+  Status st = (*reader)->ReadAt(8000, 193, &got);
+  EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_NE(st.message().find("object d/obj truncated"), std::string::npos) << st.ToString();
+  EXPECT_TRUE((*reader)->ReadAt(1, UINT64_MAX, &got).IsCorruption());
+  // The open object stays readable after a delete; truncated under the
+  // reader, the missing bytes are Corruption.
+  ASSERT_EQ(::link(dir.Sub("d/obj").c_str(), dir.Sub("d/keep").c_str()), 0);
+  ASSERT_TRUE(store->Delete("d/obj").ok());
+  ASSERT_TRUE((*reader)->ReadAt(0, 8192, &got).ok());
+  EXPECT_EQ(got, data);
+  ASSERT_EQ(::truncate(dir.Sub("d/keep").c_str(), 4096), 0);
+  EXPECT_TRUE((*reader)->ReadAt(4000, 200, &got).IsCorruption());
+  EXPECT_TRUE(store->OpenReader("missing").status().IsNotFound());
+  EXPECT_TRUE(store->OpenReader("../x").status().IsInvalidArgument());
+}
+
 TEST(LocalObjectStoreTest, TruncatedFileIsCorruptionOnRangeRead) {
   ScratchDir dir;
   auto store = NewLocalObjectStore(dir.path());
