@@ -4,7 +4,9 @@
 #include "cli/commands.h"
 #include "cli/output.h"
 #include "engine/backup_job.h"
+#include "engine/cds_index.h"
 #include "engine/live_backup_job.h"
+#include "store/cds_area.h"
 
 namespace vmdedup::cli {
 namespace {
@@ -86,6 +88,26 @@ void PrintReport(const SnapshotRecord& s) {
               HumanSize(st.metadata).c_str());
 }
 
+// The CDS version in force when the backup starts; it stays in use for the
+// whole backup even if a newer one is published meanwhile. A CDS that cannot
+// be loaded never fails a backup: it only stores more (one warning line).
+std::unique_ptr<CdsIndex> LoadCurrentCds(Repository& repo) {
+  CdsArea area(repo.objects());
+  auto pointer = area.ReadPointer();
+  Status st = pointer.status();
+  if (pointer.ok()) {
+    if (pointer->current == 0) return nullptr;
+    auto index = CdsIndex::Load(repo.objects(), pointer->current);
+    if (index.ok()) return std::move(index).value();
+    st = index.status();
+  }
+  std::fprintf(stderr,
+               "vmdedup: warning: the common data set cannot be used (%s); this backup "
+               "stores every block in the VM's own store. Run 'vmdedup check'.\n",
+               st.ToString().c_str());
+  return nullptr;
+}
+
 }  // namespace
 
 int BackupCommand(int argc, char** argv) {
@@ -120,6 +142,7 @@ int BackupCommand(int argc, char** argv) {
 
   const bool json = args->Has("json");
   const bool quiet = args->Has("quiet");
+  std::unique_ptr<CdsIndex> cds = LoadCurrentCds(**repo);
   if (args->positionals()[0].rfind("qemu:", 0) == 0) {
     LiveBackupOptions o;
     o.vm = *args->Get("vm");
@@ -131,6 +154,7 @@ int BackupCommand(int argc, char** argv) {
     o.fsfreeze = args->Has("fsfreeze");
     o.qga_socket = args->Get("qga").value_or("");
     o.cancel = &CancelFlag();
+    o.cds = cds.get();
     if (o.qmp_socket.empty() || args->Has("bitmap")) {
       std::fputs(kHelp, stderr);
       return kExitUsage;
@@ -177,6 +201,7 @@ int BackupCommand(int argc, char** argv) {
   o.full = args->Has("full");
   o.threads = *threads;
   o.cancel = &CancelFlag();
+  o.cds = cds.get();
   ProgressLine progress(!quiet && StderrIsTerminal());
   o.progress = [&](const BackupProgress& p) {
     progress.Update("backup", p.done_bytes, p.total_bytes,

@@ -16,10 +16,15 @@ catalogued, record inside the object), every catalogued object present with
 its recorded size. With --read-data also: every container read in full, every
 record's checksum, every block decompressed and re-hashed against its
 fingerprint, and every reference pointing at a record with that fingerprint.
+The common data set (CDS) is checked the same way: the pointer to the version
+in force, every published version's manifest and index, and the CDS
+containers they reach (read and re-hashed with --read-data); a snapshot's CDS
+references must land on those records.
 
 Problems name the object and the snapshots they damage. Leftovers of
 interrupted backups (objects not in the catalog, unreferenced containers and
-recipes, temporary files) are listed as reclaimable: they are not errors.
+recipes, temporary files, CDS objects of an unfinished 'cds build') are
+listed as reclaimable: they are not errors.
 
 Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)
@@ -79,6 +84,8 @@ int CheckCommand(int argc, char** argv) {
                         {"snapshots", r.snapshots},
                         {"recipes", r.recipes},
                         {"containers", r.containers},
+                        {"cds_versions", r.cds_versions},
+                        {"cds_containers", r.cds_containers},
                         {"blocks_verified", r.blocks_verified},
                         {"bytes_verified", r.bytes_verified},
                         {"reclaimable_bytes", r.reclaimable_bytes},
@@ -106,6 +113,10 @@ int CheckCommand(int argc, char** argv) {
         "checked %llu VM(s), %llu snapshot(s), %llu recipe(s), %llu container(s)",
         static_cast<unsigned long long>(r.vms), static_cast<unsigned long long>(r.snapshots),
         static_cast<unsigned long long>(r.recipes), static_cast<unsigned long long>(r.containers));
+    if (r.cds_versions)
+      std::printf(", %llu CDS version(s) with %llu container(s)",
+                  static_cast<unsigned long long>(r.cds_versions),
+                  static_cast<unsigned long long>(r.cds_containers));
     if (opt.read_data)
       std::printf("; re-hashed %llu block(s), %s",
                   static_cast<unsigned long long>(r.blocks_verified),

@@ -15,6 +15,7 @@ int CheckCommand(int argc, char** argv);
 int StatsCommand(int argc, char** argv);
 int StatusCommand(int argc, char** argv);
 int ServeCommand(int argc, char** argv);
+int CdsCommand(int argc, char** argv);
 
 // Set by SIGINT/SIGTERM; long-running work stops at the next segment.
 std::atomic<bool>& CancelFlag();

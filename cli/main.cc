@@ -35,6 +35,7 @@ Commands:
   check       verify a repository's metadata (and with --read-data, all data)
   stats       totals per VM and for the repository
   status      a running QEMU's disks, vmdedup's bitmaps on them, last snapshots
+  cds         build the common data set of popular blocks; list its versions
 
 Run 'vmdedup COMMAND --help' for a command's options.
 The repository is given with -r REPO or the environment variable VMDEDUP_REPO.
@@ -76,6 +77,7 @@ int main(int argc, char** argv) {
   if (cmd == "stats") return StatsCommand(argc, argv);
   if (cmd == "status") return StatusCommand(argc, argv);
   if (cmd == "serve") return ServeCommand(argc, argv);
+  if (cmd == "cds") return CdsCommand(argc, argv);
   std::fprintf(stderr, "vmdedup: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
   return kExitUsage;
 }

@@ -6,19 +6,6 @@
 
 namespace vmdedup::cli {
 
-std::string HumanSize(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 5) {
-    v /= 1024;
-    u++;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-  return buf;
-}
-
 std::string Percent(uint64_t part, uint64_t whole) {
   if (whole == 0) return "-";
   char buf[32];
@@ -51,6 +38,7 @@ nlohmann::json SnapshotJson(const SnapshotRecord& s) {
       {"segment", s.stats.segment},
       {"block", s.stats.block},
       {"cds", s.stats.cds},
+      {"cds_version", s.cds_version},
       {"new", s.stats.new_bytes},
       {"new_blocks", s.stats.new_blocks},
       {"stored", s.stats.stored},

@@ -1,8 +1,11 @@
 #include <cstdio>
+#include <set>
 
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/output.h"
+#include "engine/cds_index.h"
+#include "store/cds_area.h"
 #include "store/repository.h"
 
 namespace vmdedup::cli {
@@ -22,10 +25,21 @@ Totals per VM and for the whole repository:
                percentage of the non-zero logical data (the CLOUD 2012 paper's
                Figure 4): (block+cds+new), (cds+new) and new over nonzero.
 
+The common data set (CDS), when the repository has one:
+  versions     published versions, and the one in force
+  blocks       blocks of the version in force
+  cds_bytes    uncompressed bytes of all blocks in the CDS area, every
+               published version counted (a block shared by versions once)
+  stored       bytes of the CDS containers
+  index        memory of the version in force's in-memory index
+  hit rate     cds / (cds + new) over the snapshots made with a CDS: the
+               share of the blocks left after level 2 that the CDS held
+
 Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)
   --vm VM           only this VM
-  --json            one JSON object: {"vms": [...], "total": {...}}
+  --json            one JSON object: {"vms": [...], "total": {...},
+                    "cds_bytes": N, "cds": {...}}
   -h, --help        this text
 
 Exit codes: 0 printed, 1 failure, 2 bad usage, 4 a VM is locked by a running backup.
@@ -76,6 +90,46 @@ struct Totals {
   }
 };
 
+struct CdsTotals {
+  uint64_t current = 0;
+  std::vector<uint64_t> published;
+  uint64_t blocks = 0;  // of the version in force
+  uint64_t bytes = 0;   // distinct blocks of every published version
+  uint64_t stored = 0;  // their containers
+  uint64_t index_memory = 0;
+  uint64_t hit = 0, miss = 0;  // cds and new bytes of snapshots made with a CDS
+  double HitRate() const {
+    return hit + miss ? 100.0 * static_cast<double>(hit) / static_cast<double>(hit + miss) : 0.0;
+  }
+};
+
+Status ReadCdsTotals(Repository& repo, CdsTotals* t) {
+  CdsArea area(repo.objects());
+  ASSIGN_OR_RETURN(CdsPointer pointer, area.ReadPointer());
+  t->current = pointer.current;
+  t->published = pointer.published;
+  std::set<std::pair<uint64_t, uint32_t>> seen;  // (container, offset)
+  std::set<uint64_t> containers;
+  for (uint64_t v : pointer.published) {
+    std::vector<CdsEntry> entries;
+    RETURN_IF_ERROR(area.ReadEntries(v, &entries));
+    if (v == pointer.current) t->blocks = entries.size();
+    for (const CdsEntry& e : entries) {
+      containers.insert(e.container);
+      if (seen.insert({e.container, e.offset}).second) t->bytes += e.length;
+    }
+  }
+  for (uint64_t c : containers) {
+    ASSIGN_OR_RETURN(uint64_t size, repo.objects()->Size(CdsArea::ContainerObjectName(c)));
+    t->stored += size;
+  }
+  if (pointer.current != 0) {
+    ASSIGN_OR_RETURN(auto index, CdsIndex::Load(repo.objects(), pointer.current));
+    t->index_memory = index->MemoryBytes();
+  }
+  return Status::OK();
+}
+
 }  // namespace
 
 int StatsCommand(int argc, char** argv) {
@@ -103,6 +157,8 @@ int StatsCommand(int argc, char** argv) {
     if (!all.ok()) return ReportError(all.status());
     vms = *all;
   }
+  CdsTotals cds;
+  if (Status st = ReadCdsTotals(**repo, &cds); !st.ok()) return ReportError(st);
   Totals total;
   std::vector<std::pair<std::string, Totals>> per_vm;
   for (const std::string& name : vms) {
@@ -115,6 +171,10 @@ int StatsCommand(int argc, char** argv) {
       t.snapshots++;
       t.logical += s.size;
       t.levels.Add(s.stats);
+      if (s.cds_version != 0) {
+        cds.hit += s.stats.cds;
+        cds.miss += s.stats.new_bytes;
+      }
     }
     Status inner;
     Status st =
@@ -139,6 +199,11 @@ int StatsCommand(int argc, char** argv) {
       o["vm"] = name;
       j["vms"].push_back(o);
     }
+    j["cds_bytes"] = cds.bytes;
+    j["cds"] = {{"current_version", cds.current}, {"published_versions", cds.published},
+                {"blocks", cds.blocks},           {"bytes", cds.bytes},
+                {"stored", cds.stored},           {"index_memory", cds.index_memory},
+                {"hit_rate", cds.HitRate()}};
     std::puts(j.dump().c_str());
     return kExitOk;
   }
@@ -147,6 +212,14 @@ int StatsCommand(int argc, char** argv) {
               "LEFT L1+2", "L1+2+3");
   for (const auto& [name, t] : per_vm) t.Print(name);
   total.Print("total");
+  if (!cds.published.empty()) {
+    std::printf(
+        "common data set: version %llu in force (%zu published), %llu blocks, %s in the area "
+        "(%s stored), index %s, hit rate %.1f%%\n",
+        static_cast<unsigned long long>(cds.current), cds.published.size(),
+        static_cast<unsigned long long>(cds.blocks), HumanSize(cds.bytes).c_str(),
+        HumanSize(cds.stored).c_str(), HumanSize(cds.index_memory).c_str(), cds.HitRate());
+  }
   return kExitOk;
 }
 

@@ -166,6 +166,7 @@ Status BackupRun::Prepare() {
   snap_.source = req_.source->Describe();
   snap_.read_mode = req_.read_mode;
   snap_.bitmap = req_.bitmap;
+  snap_.cds_version = cds_->version();
   snap_.time = req_.time ? req_.time
                          : std::chrono::duration_cast<std::chrono::seconds>(
                                std::chrono::system_clock::now().time_since_epoch())

@@ -1,9 +1,9 @@
 // Level 3 of the pipeline: lookup of a block fingerprint in the common data
 // set (CDS), the small shared set of the most popular blocks across VMs.
 //
-// The CDS implementation (index, build, shared area) comes with its own
-// issue; until then EmptyCommonBlockIndex finds nothing. Implementations are
-// immutable once published and safe for concurrent Lookup from many threads.
+// The CDS implementation is CdsIndex (engine/cds_index.h); EmptyCommonBlockIndex
+// finds nothing (a repository without a CDS). Implementations are immutable
+// once loaded and safe for concurrent Lookup from many threads.
 #pragma once
 
 #include <optional>
@@ -19,6 +19,8 @@ class CommonBlockIndex {
   // Where the CDS area holds the block whose fingerprint is `fp` (a BlockRef
   // of kind kCds), or nothing. Must be exact: never a prefix-only match.
   virtual std::optional<BlockRef> Lookup(const Fingerprint& fp) const = 0;
+  // The CDS version looked up in, recorded in the snapshot (0: none).
+  virtual uint64_t version() const { return 0; }
 };
 
 class EmptyCommonBlockIndex final : public CommonBlockIndex {

@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "base/fingerprint.h"
+#include "store/cds_area.h"
 #include "store/container.h"
 #include "store/records.h"
 
@@ -22,10 +23,129 @@ struct Ref {
   }
 };
 
+// Reads container `object` (id `cid`), verifies every record and re-hashes
+// its plaintext; fills `valid` with the records found sound.
+Status VerifyContainerRecords(Repository& repo, const std::string& object, uint64_t cid,
+                              CheckReport& report, std::set<Ref>* valid) {
+  std::string data, plain;
+  Sha256Hasher hasher;
+  RETURN_IF_ERROR(repo.objects()->Get(object, &data));
+  return ForEachBlockRecord(
+      data, cid, object, [&](const BlockRecordInfo& info, std::string_view record) {
+        RETURN_IF_ERROR(DecodeBlockRecord(record, &info.fingerprint, &plain, object));
+        if (hasher.Hash({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) !=
+            info.fingerprint)
+          return Status::Corruption(object + " at offset " + std::to_string(info.offset) +
+                                    ": content does not match its fingerprint");
+        report.blocks_verified++;
+        report.bytes_verified += plain.size();
+        valid->insert({info.offset, info.record_len, info.fingerprint});
+        return Status::OK();
+      });
+}
+
+// What the VMs' CDS references are checked against: the CDS containers that
+// published versions reach (with their sizes) and, with read_data, the
+// records found valid in them.
+struct CdsState {
+  std::set<uint64_t> published;
+  std::map<uint64_t, uint64_t> container_sizes;     // present containers
+  std::map<uint64_t, std::set<Ref>> valid_records;  // read_data only
+  std::set<uint64_t> damaged_containers;
+};
+
+void AddFinding(CheckReport& report, CheckFinding::Kind kind, std::string msg, uint64_t bytes = 0) {
+  report.findings.push_back({kind, "", std::move(msg), {}, bytes});
+  if (kind == CheckFinding::Kind::kReclaimable) report.reclaimable_bytes += bytes;
+}
+
+// The CDS area: pointer, every published version's manifest and index, the
+// containers they reach (read and re-hashed with read_data), leftovers.
+Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& report,
+                    CdsState* state) {
+  CdsArea area(repo.objects());
+  auto pointer = area.ReadPointer();
+  if (!pointer.ok()) {
+    AddFinding(report, CheckFinding::Kind::kError, pointer.status().ToString());
+    return Status::OK();
+  }
+  if (pointer->published.empty()) return Status::OK();
+  if (opt.progress) opt.progress("checking the common data set");
+  std::map<uint64_t, std::vector<std::pair<uint64_t, CdsEntry>>> entries_by_container;
+  for (uint64_t v : pointer->published) {
+    state->published.insert(v);
+    auto manifest = area.ReadManifest(v);
+    if (!manifest.ok()) {
+      AddFinding(report, CheckFinding::Kind::kError,
+                 "CDS version " + std::to_string(v) + ": " + manifest.status().ToString());
+      continue;
+    }
+    std::vector<CdsEntry> entries;
+    Status st = area.ReadEntries(v, &entries);
+    if (!st.ok()) {
+      AddFinding(report, CheckFinding::Kind::kError,
+                 "CDS version " + std::to_string(v) + ": " + st.ToString());
+      continue;
+    }
+    report.cds_versions++;
+    for (const CdsEntry& e : entries) entries_by_container[e.container].push_back({v, e});
+  }
+  for (const auto& [cid, entries] : entries_by_container) {
+    const std::string object = CdsArea::ContainerObjectName(cid);
+    auto size = repo.objects()->Size(object);
+    if (!size.ok()) {
+      AddFinding(report, CheckFinding::Kind::kError,
+                 "CDS container " + object + ": " + size.status().ToString());
+      state->damaged_containers.insert(cid);
+      continue;
+    }
+    report.cds_containers++;
+    state->container_sizes[cid] = *size;
+    for (const auto& [v, e] : entries) {
+      if (uint64_t{e.offset} + e.record_len > *size) {
+        AddFinding(report, CheckFinding::Kind::kError,
+                   "CDS version " + std::to_string(v) + " refers past the end of " + object);
+        state->damaged_containers.insert(cid);
+        break;
+      }
+    }
+    if (!opt.read_data) continue;
+    if (opt.progress) opt.progress("reading " + object);
+    std::set<Ref>& valid = state->valid_records[cid];
+    Status st = VerifyContainerRecords(repo, object, cid, report, &valid);
+    if (!st.ok()) {
+      AddFinding(report, CheckFinding::Kind::kError, st.ToString());
+      state->damaged_containers.insert(cid);
+      continue;
+    }
+    for (const auto& [v, e] : entries) {
+      if (!valid.count({e.offset, e.record_len, e.fingerprint})) {
+        AddFinding(report, CheckFinding::Kind::kError,
+                   "CDS version " + std::to_string(v) + ": " + object + " has no record with " +
+                       "fingerprint " + e.fingerprint.Hex() + " at offset " +
+                       std::to_string(e.offset));
+        state->damaged_containers.insert(cid);
+        break;
+      }
+    }
+  }
+  std::vector<std::string> leftovers;
+  RETURN_IF_ERROR(area.ListLeftovers(&leftovers));
+  for (const std::string& name : leftovers) {
+    auto size = repo.objects()->Size(name);
+    AddFinding(report, CheckFinding::Kind::kReclaimable,
+               "CDS object " + name + " belongs to no published version (left by an " +
+                   "interrupted cds build)",
+               size.ok() ? *size : 0);
+  }
+  return Status::OK();
+}
+
 class VmCheck {
  public:
-  VmCheck(Repository& repo, VmStore& vm, const CheckOptions& opt, CheckReport& report)
-      : repo_(repo), vm_(vm), opt_(opt), report_(report) {}
+  VmCheck(Repository& repo, VmStore& vm, const CheckOptions& opt, const CdsState& cds,
+          CheckReport& report)
+      : repo_(repo), vm_(vm), opt_(opt), cds_(cds), report_(report) {}
   Status Run();
 
  private:
@@ -44,6 +164,7 @@ class VmCheck {
   Repository& repo_;
   VmStore& vm_;
   const CheckOptions& opt_;
+  const CdsState& cds_;
   CheckReport& report_;
   std::map<uint64_t, SegmentRecipe> recipes_;
   std::map<uint64_t, ContainerRecord> containers_;
@@ -104,6 +225,11 @@ Status VmCheck::Run() {
   // 2. Snapshots → segment lists → recipes.
   std::set<uint64_t> live_recipes;
   for (const SnapshotRecord& s : snapshots_) {
+    if (s.cds_version != 0 && !cds_.published.count(s.cds_version)) {
+      Error("snapshot " + s.Id() + " was made with CDS version " + std::to_string(s.cds_version) +
+                ", which the CDS area does not list as published",
+            {s.Id()});
+    }
     auto segs = vm_.GetSnapshotSegments(s.disk, s.seq);
     if (!segs.ok()) {
       Error(segs.status().ToString(), {s.Id()});
@@ -143,9 +269,24 @@ Status VmCheck::Run() {
     for (const BlockRef& b : it->second.blocks) {
       if (b.kind == BlockKind::kZero) continue;
       if (b.kind == BlockKind::kCds) {
-        Error("recipe " + SegmentRecipeKey(id) +
-              " refers to the CDS area, which this repository does not have");
-        bad_recipes.insert(id);
+        const std::string object = CdsArea::ContainerObjectName(b.container);
+        auto size = cds_.container_sizes.find(b.container);
+        std::string problem;
+        if (cds_.damaged_containers.count(b.container)) {
+          problem = "refers to " + object + ", which is damaged";
+        } else if (size == cds_.container_sizes.end()) {
+          problem = "refers to CDS container " + object + ", which no published CDS version has";
+        } else if (uint64_t{b.offset} + b.record_len > size->second) {
+          problem = "refers past the end of " + object;
+        } else if (opt_.read_data && !cds_.valid_records.at(b.container)
+                                          .count({b.offset, b.record_len, b.fingerprint})) {
+          problem = "refers to " + object + " at offset " + std::to_string(b.offset) +
+                    ", where there is no record with fingerprint " + b.fingerprint.Hex();
+        }
+        if (!problem.empty()) {
+          Error("recipe " + SegmentRecipeKey(id) + " " + problem);
+          bad_recipes.insert(id);
+        }
         continue;
       }
       auto c = containers_.find(b.container);
@@ -167,8 +308,6 @@ Status VmCheck::Run() {
   }
 
   // 4. Containers: present, right size; with read_data every record re-hashed.
-  Sha256Hasher hasher;
-  std::string data, plain;
   for (const auto& [cid, rec] : containers_) {
     bool referenced = refs.count(cid) > 0;
     auto size = repo_.objects()->Size(rec.object);
@@ -192,22 +331,8 @@ Status VmCheck::Run() {
     }
     if (!opt_.read_data) continue;
     if (opt_.progress) opt_.progress("reading " + rec.object);
-    Status st = repo_.objects()->Get(rec.object, &data);
     std::set<Ref> valid;
-    if (st.ok()) {
-      st = ForEachBlockRecord(
-          data, cid, rec.object, [&](const BlockRecordInfo& info, std::string_view record) {
-            RETURN_IF_ERROR(DecodeBlockRecord(record, &info.fingerprint, &plain, rec.object));
-            if (hasher.Hash({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) !=
-                info.fingerprint)
-              return Status::Corruption(rec.object + " at offset " + std::to_string(info.offset) +
-                                        ": content does not match its fingerprint");
-            report_.blocks_verified++;
-            report_.bytes_verified += plain.size();
-            valid.insert({info.offset, info.record_len, info.fingerprint});
-            return Status::OK();
-          });
-    }
+    Status st = VerifyContainerRecords(repo_, rec.object, cid, report_, &valid);
     if (!st.ok()) {
       Error(st.ToString(), SnapshotsUsingContainer(cid));
       continue;
@@ -258,6 +383,8 @@ std::vector<std::string> CheckReport::DamagedSnapshots() const {
 
 Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& options) {
   CheckReport report;
+  CdsState cds;
+  RETURN_IF_ERROR(CheckCdsArea(repo, options, report, &cds));
   std::vector<std::string> vms;
   if (!options.vm.empty()) {
     vms.push_back(options.vm);
@@ -278,7 +405,7 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
     }
     report.vms++;
     if (options.progress) options.progress("checking VM " + name);
-    VmCheck check(repo, **vm, options, report);
+    VmCheck check(repo, **vm, options, cds, report);
     Status st = check.Run();
     if (!st.ok())
       report.findings.push_back({CheckFinding::Kind::kError, name, st.ToString(), {}, 0});

@@ -6,9 +6,14 @@
 // verifies every record, decompresses and re-hashes every block, and checks
 // that every reference points at a record holding that fingerprint.
 //
+// The CDS area is checked first: its pointer, every published version's
+// manifest and index, the containers they reach (records re-hashed with
+// read_data); the VMs' CDS references must land on those records.
+//
 // Leftovers of crashed or interrupted runs (objects not in the catalog,
-// unreferenced containers and recipes, temporary files) are reported as
-// reclaimable, not as errors. Runs on one thread; opens each VM read-only.
+// unreferenced containers and recipes, temporary files, CDS objects of an
+// unpublished build) are reported as reclaimable, not as errors. Runs on one thread; opens each VM
+// read-only.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +46,7 @@ struct CheckReport {
   uint64_t vms = 0, snapshots = 0, recipes = 0, containers = 0;
   uint64_t blocks_verified = 0, bytes_verified = 0;
   uint64_t reclaimable_bytes = 0;
+  uint64_t cds_versions = 0, cds_containers = 0;  // published versions, their containers
   bool ok() const;
   std::vector<std::string> DamagedSnapshots() const;
 };

@@ -17,7 +17,9 @@ enum RecordType : uint8_t {
   kContainer = 5,
   kCounter = 6,
 };
-constexpr uint8_t kRecordVersion = 1;
+// The record version each type is written with; a reader accepts 1 up to it.
+// Snapshots: 2 appends the CDS version.
+uint8_t CurrentVersion(RecordType type) { return type == kSnapshot ? 2 : 1; }
 
 uint32_t EnvelopeCrc(std::string_view key, std::string_view head_and_body) {
   uint32_t crc = crc32c::Extend(0, key.data(), key.size());
@@ -28,7 +30,7 @@ uint32_t EnvelopeCrc(std::string_view key, std::string_view head_and_body) {
 ByteWriter Begin(RecordType type) {
   ByteWriter w;
   w.U8(type);
-  w.U8(kRecordVersion);
+  w.U8(CurrentVersion(type));
   return w;
 }
 
@@ -38,8 +40,9 @@ std::string Seal(std::string_view key, ByteWriter& w) {
   return w.Take();
 }
 
-// Verifies the envelope and returns a reader positioned on the body.
-Status Open(std::string_view key, std::string_view value, RecordType type, std::string_view* body) {
+// Verifies the envelope and returns the body and the record version.
+Status Open(std::string_view key, std::string_view value, RecordType type, std::string_view* body,
+            uint8_t* version = nullptr) {
   std::string what = "metadata record '" + std::string(key) + "'";
   if (value.size() < 6)
     return Status::Corruption(what + ": too short (" + std::to_string(value.size()) + " bytes)");
@@ -50,11 +53,13 @@ Status Open(std::string_view key, std::string_view value, RecordType type, std::
   if (static_cast<uint8_t>(covered[0]) != type)
     return Status::Corruption(what + ": unexpected record type " +
                               std::to_string(static_cast<uint8_t>(covered[0])));
-  if (static_cast<uint8_t>(covered[1]) != kRecordVersion)
-    return Status::NotSupported(what + ": record version " +
-                                std::to_string(static_cast<uint8_t>(covered[1])) +
+  uint8_t v = static_cast<uint8_t>(covered[1]);
+  if (v == 0) return Status::Corruption(what + ": record version 0");
+  if (v > CurrentVersion(type))
+    return Status::NotSupported(what + ": record version " + std::to_string(v) +
                                 " is newer than this vmdedup understands");
   *body = covered.substr(2);
+  if (version != nullptr) *version = v;
   return Status::OK();
 }
 
@@ -172,12 +177,14 @@ std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
   w.String(r.source);
   w.String(r.read_mode);
   w.String(r.bitmap);
+  w.Varint(r.cds_version);  // record version 2
   return Seal(key, w);
 }
 
 Status DecodeSnapshot(std::string_view key, std::string_view value, SnapshotRecord* r) {
   std::string_view body;
-  RETURN_IF_ERROR(Open(key, value, kSnapshot, &body));
+  uint8_t version = 0;
+  RETURN_IF_ERROR(Open(key, value, kSnapshot, &body, &version));
   ByteReader in(body, "snapshot record '" + std::string(key) + "'");
   uint64_t time = 0;
   uint8_t kind = 0;
@@ -202,6 +209,8 @@ Status DecodeSnapshot(std::string_view key, std::string_view value, SnapshotReco
   RETURN_IF_ERROR(in.String(&r->source));
   RETURN_IF_ERROR(in.String(&r->read_mode));
   RETURN_IF_ERROR(in.String(&r->bitmap));
+  r->cds_version = 0;
+  if (version >= 2) RETURN_IF_ERROR(in.Varint(&r->cds_version));
   if (r->segment_size == 0) return Status::Corruption(in.what() + ": segment size 0");
   if (r->segment_count != (r->size + r->segment_size - 1) / r->segment_size)
     return Status::Corruption(in.what() + ": segment count does not match the size");

@@ -48,9 +48,10 @@ struct SnapshotRecord {
   uint64_t segment_count = 0;
   LevelStats stats;
   uint64_t duration_ms = 0;
-  std::string source;     // where it was read from, for humans
-  std::string read_mode;  // "incremental (bitmap X)" or "full: <reason>"
-  std::string bitmap;     // the dirty bitmap that tracks writes after this snapshot
+  std::string source;        // where it was read from, for humans
+  std::string read_mode;     // "incremental (bitmap X)" or "full: <reason>"
+  std::string bitmap;        // the dirty bitmap that tracks writes after this snapshot
+  uint64_t cds_version = 0;  // the CDS version the backup looked blocks up in; 0: none
   std::string Id() const { return vm + "/" + disk + "/" + std::to_string(seq); }
 };
 

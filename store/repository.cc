@@ -260,6 +260,33 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   return vs;
 }
 
+RepoLock::~RepoLock() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
+  std::string dir = path_ + "/cds";
+  std::string lock_path = dir + "/lock";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return Status::FromErrno(ec.value(), "create " + dir);
+  int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return Status::FromErrno(errno, "open " + lock_path);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    ::close(fd);
+    if (err == EWOULDBLOCK)
+      return Status::Busy("another cds build is running on " + path_ + " (" +
+                          ReadLockHolder(lock_path) + "); wait for it to finish");
+    return Status::FromErrno(err, "lock " + lock_path);
+  }
+  std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
+    // The pid is informational only.
+  }
+  return std::unique_ptr<RepoLock>(new RepoLock(fd));
+}
+
 VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd)
     : vm_(std::move(vm)), meta_(std::move(meta)), lock_fd_(lock_fd) {}
 

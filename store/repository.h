@@ -6,6 +6,8 @@
 //   REPO/vms/VM/meta/            the VM's metadata (LevelDB)
 //   REPO/vms/VM/lock             held (flock) by the process writing the VM
 //   REPO/vms/VM/data/ID.ctr      the VM's containers (objects)
+//   REPO/cds/lock                held (flock) by the one `cds build` running
+//                                on the repository (LockCds); holds its pid
 //
 // VM-centric isolation: each VM has its own metadata and containers, so one
 // VM's backups never coordinate with another's. A Repository is used by one
@@ -39,6 +41,20 @@ Status ValidateRepoConfig(const RepoConfig& c);
 
 class VmStore;
 
+// A repository-wide lock held through flock() on a file; released when the
+// object is destroyed (or the process dies).
+class RepoLock {
+ public:
+  ~RepoLock();
+  RepoLock(const RepoLock&) = delete;
+  RepoLock& operator=(const RepoLock&) = delete;
+
+ private:
+  friend class Repository;
+  explicit RepoLock(int fd) : fd_(fd) {}
+  int fd_ = -1;
+};
+
 class Repository {
  public:
   // Creates the repository directory (must not exist or be empty).
@@ -60,6 +76,12 @@ class Repository {
     kWrite,  // creates the VM; takes its lock (Busy if held)
   };
   Result<std::unique_ptr<VmStore>> OpenVm(const std::string& vm, Access access);
+
+  // The CDS lock: one `cds build` at a time per repository. Takes an
+  // exclusive, non-blocking flock on REPO/cds/lock (created with its
+  // directory if missing) and writes the pid into it; Busy "another cds
+  // build is running on REPO" when another process holds it.
+  Result<std::unique_ptr<RepoLock>> LockCds();
 
   // For tests: metadata stores opened after this call are wrapped by `wrap`.
   using MetadataWrapper =

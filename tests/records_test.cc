@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "base/crc32c.h"
+#include "base/encoding.h"
 #include "store/repository.h"
 #include "tests/test_util.h"
 
@@ -92,6 +94,78 @@ TEST(RecordsTest, SnapshotRoundTripAndDamage) {
     SnapshotRecord r;
     return DecodeSnapshot(k, val, &r);
   });
+}
+
+// Rewrites a value's record version byte (and its body) and re-seals it,
+// as an older or newer vmdedup would have written it.
+std::string Reseal(const std::string& key, uint8_t version, std::string head_and_body) {
+  head_and_body[1] = static_cast<char>(version);
+  uint32_t crc = crc32c::Extend(0, key.data(), key.size());
+  crc = crc32c::Extend(crc, head_and_body.data(), head_and_body.size());
+  ByteWriter w;
+  w.Bytes(head_and_body.data(), head_and_body.size());
+  w.U32(crc32c::Mask(crc));
+  return w.Take();
+}
+
+TEST(RecordsTest, SnapshotVersion2CarriesTheCdsVersion) {
+  SnapshotRecord s = SampleSnapshot();
+  s.cds_version = (1ull << 40) + 3;
+  std::string key = SnapshotKey(s.disk, s.seq);
+  std::string v = EncodeSnapshot(key, s);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 2u) << "snapshots are written as record version 2";
+  SnapshotRecord d;
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_EQ(d.cds_version, s.cds_version);
+  EXPECT_EQ(d.bitmap, s.bitmap);
+  ExpectEveryDamageDetected(key, v, [](const std::string& k, const std::string& val) {
+    SnapshotRecord r;
+    return DecodeSnapshot(k, val, &r);
+  });
+}
+
+TEST(RecordsTest, SnapshotVersion1IsStillReadWithoutCdsVersion) {
+  SnapshotRecord s = SampleSnapshot();
+  s.cds_version = 0;
+  std::string key = SnapshotKey(s.disk, s.seq);
+  std::string v2 = EncodeSnapshot(key, s);
+  // A version 1 body is the version 2 body without the trailing cds version
+  // (here the one byte 0x00 of varint 0).
+  std::string covered = v2.substr(0, v2.size() - 4);
+  ASSERT_EQ(covered.back(), '\0');
+  covered.pop_back();
+  std::string v1 = Reseal(key, 1, covered);
+
+  SnapshotRecord d;
+  d.cds_version = 99;  // must be reset by the decoder
+  Status st = DecodeSnapshot(key, v1, &d);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(d.cds_version, 0u);
+  EXPECT_EQ(d.Id(), "web1/vda/7");
+  EXPECT_EQ(d.bitmap, s.bitmap);
+  EXPECT_EQ(d.stats.metadata, 9u);
+  ExpectEveryDamageDetected(key, v1, [](const std::string& k, const std::string& val) {
+    SnapshotRecord r;
+    return DecodeSnapshot(k, val, &r);
+  });
+
+  // A version 1 record carrying a version 2 body has a trailing byte.
+  EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 1, v2.substr(0, v2.size() - 4)), &d).IsCorruption());
+  // A version 2 record without the cds version is truncated.
+  EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 2, covered), &d).IsCorruption());
+  // Version 3 is a newer vmdedup's, version 0 never existed.
+  EXPECT_EQ(DecodeSnapshot(key, Reseal(key, 3, v2.substr(0, v2.size() - 4)), &d).code(),
+            Status::Code::kNotSupported);
+  EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 0, covered), &d).IsCorruption());
+  // Other record types stay at version 1.
+  std::string counter = EncodeCounter(CounterKey("container"), 5);
+  EXPECT_EQ(static_cast<uint8_t>(counter[1]), 1u);
+  uint64_t n = 0;
+  EXPECT_EQ(
+      DecodeCounter(CounterKey("container"),
+                    Reseal(CounterKey("container"), 2, counter.substr(0, counter.size() - 4)), &n)
+          .code(),
+      Status::Code::kNotSupported);
 }
 
 TEST(RecordsTest, SegmentRecipeRoundTripAndDamage) {
