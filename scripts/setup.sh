@@ -11,6 +11,10 @@ packages=(build-essential cmake pkg-config git
           libssl-dev libzstd-dev libleveldb-dev nlohmann-json3-dev
           libnbd-dev libnbd-bin nbdkit qemu-utils qemu-system-x86
           libgtest-dev googletest)
+# The tests also boot a real Linux guest: the Debian kernel and a busybox
+# initramfs that the test builds itself (so the kernel's own initramfs is
+# not generated: INITRD=No below).
+if [ "$mode" = test ]; then packages+=(linux-image-amd64 busybox-static); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -19,7 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive INITRD=No apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 jobs=$(nproc)
