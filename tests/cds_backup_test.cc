@@ -258,6 +258,23 @@ TEST_F(CdsBackupTest, DamagedCdsPointerNeverFailsABackup) {
   EXPECT_NE(c.dump().find("cds/current"), std::string::npos) << c.dump();
 }
 
+TEST_F(CdsBackupTest, DamagedManifestIsReportedAndOtherVmsStillCheck) {
+  ASSERT_NO_FATAL_FAILURE(BackUpThreeVms());
+  ASSERT_FALSE(BuildCds({"--fraction", "100"}).is_null());
+  std::string manifest = repo_ + "/cds/versions/0000000000000001/manifest";
+  {
+    std::fstream f(manifest, std::ios::in | std::ios::out | std::ios::binary);
+    ASSERT_TRUE(f.good()) << manifest;
+    f.seekp(20);
+    f.put('#');
+  }
+  auto c = Check();
+  EXPECT_EQ(last_check_exit_, 3) << c.dump();
+  EXPECT_NE(c.dump().find("cds/versions/0000000000000001/manifest"), std::string::npos) << c.dump();
+  EXPECT_EQ(c["vms"].get<uint64_t>(), 3u) << c.dump();
+  EXPECT_EQ(c["snapshots"].get<uint64_t>(), 3u) << c.dump();
+}
+
 TEST_F(CdsBackupTest, CountingOnlyChosenVms) {
   ASSERT_NO_FATAL_FAILURE(BackUpThreeVms());
   // vm3 alone holds no block twice: nothing to choose.
