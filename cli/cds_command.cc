@@ -55,7 +55,8 @@ Options (build):
   --fraction PERCENT    budget: this percentage of the unique (distinct,
                         non-zero) data, above 0 and at most 100; "1" and "1%"
                         are the same (default: 1, the CLOUD 2012 paper's size)
-  --budget SIZE         budget: the memory of the CDS index, 24 bytes a block
+  --budget SIZE         budget: the memory of the CDS index, counted at 24
+                        bytes a block (a cap: the index takes 20.25)
                         (suffixes K, M, G, T: "24M" is about a million blocks)
   --vm VM               count only this VM's blocks (repeat for several;
                         default: every VM). The CDS serves every VM either

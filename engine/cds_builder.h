@@ -53,7 +53,8 @@ std::vector<BlockPopularity> MergePopularity(
 
 struct CdsBuildOptions {
   // Exactly one of: percent of the unique (distinct, non-zero) data, or the
-  // memory the index may take (24 bytes an entry).
+  // memory the index may take, counted at 24 bytes an entry (a cap: the
+  // index takes 20.25, engine/cds_index.h).
   std::optional<double> fraction_percent;
   std::optional<uint64_t> index_budget_bytes;
   std::vector<std::string> seeds;  // file:PATH or NBD URIs of template images

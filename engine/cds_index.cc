@@ -48,6 +48,10 @@ Result<std::unique_ptr<CdsIndex>> CdsIndex::Load(ObjectStore* objects, uint64_t 
   index->version_ = version;
   index->containers_ = info.containers;
   index->containers_.shrink_to_fit();
+  if (index->containers_.size() > kMaxContainers)
+    return Status::NotSupported("CDS version " + std::to_string(version) + ": " +
+                                std::to_string(index->containers_.size()) +
+                                " containers are too many for one index");
   index->entries_.reserve(total);
   CdsIndex* ix = index.get();
   RETURN_IF_ERROR(area.ScanEntries(
@@ -94,8 +98,14 @@ std::unique_ptr<CdsIndex> CdsIndex::BuildForTest(
 
 CdsIndex::Entry CdsIndex::Compact(const CdsEntry& e) const {
   auto slot = std::lower_bound(containers_.begin(), containers_.end(), e.container);
-  return Entry{BigEndianPrefix(e.fingerprint), e.length,
-               static_cast<uint32_t>(slot - containers_.begin()), e.offset, e.record_len};
+  const uint64_t prefix = BigEndianPrefix(e.fingerprint);
+  // The format bounds both lengths by 48 + 1 MiB < 2^21; Load checks the
+  // number of containers against 2^22.
+  const uint64_t packed = (uint64_t{e.length} & kField21) |
+                          (uint64_t{e.record_len} & kField21) << 21 |
+                          static_cast<uint64_t>(slot - containers_.begin()) << 42;
+  return Entry{static_cast<uint32_t>(prefix >> 32), static_cast<uint32_t>(prefix), e.offset,
+               static_cast<uint32_t>(packed), static_cast<uint32_t>(packed >> 32)};
 }
 
 void CdsIndex::BuildBuckets() {
@@ -107,7 +117,7 @@ void CdsIndex::BuildBuckets() {
   buckets_.assign(count + 1, 0);
   uint32_t i = 0;
   for (size_t b = 0; b < count; b++) {
-    while (i < n && Bucket(entries_[i].prefix) < b) i++;
+    while (i < n && Bucket(entries_[i].prefix()) < b) i++;
     buckets_[b] = i;
   }
   buckets_[count] = static_cast<uint32_t>(n);
@@ -119,10 +129,10 @@ std::optional<BlockRef> CdsIndex::Lookup(const Fingerprint& fp) const {
   auto first = entries_.begin() + buckets_[b];
   auto last = entries_.begin() + buckets_[b + 1];
   auto it = std::lower_bound(first, last, prefix,
-                             [](const Entry& e, uint64_t p) { return e.prefix < p; });
+                             [](const Entry& e, uint64_t p) { return e.prefix() < p; });
   // Entries sharing the prefix are adjacent; each is confirmed on its own.
   // Every one whose full fingerprint differs counts as a collision.
-  for (; it != last && it->prefix == prefix; ++it) {
+  for (; it != last && it->prefix() == prefix; ++it) {
     const uint64_t entry = static_cast<uint64_t>(it - entries_.begin());
     Result<Fingerprint> full = full_(entry);
     if (!full.ok()) {
@@ -135,11 +145,11 @@ std::optional<BlockRef> CdsIndex::Lookup(const Fingerprint& fp) const {
     }
     BlockRef ref;
     ref.kind = BlockKind::kCds;
-    ref.length = it->length;
+    ref.length = it->length();
     ref.fingerprint = fp;
-    ref.container = containers_[it->container_slot];
+    ref.container = containers_[it->slot()];
     ref.offset = it->offset;
-    ref.record_len = it->record_len;
+    ref.record_len = it->record_len();
     return ref;
   }
   return std::nullopt;

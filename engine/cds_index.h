@@ -1,8 +1,9 @@
 // The in-memory index of one CDS version, used by every backup at level 3.
 //
-// Compact: 24 bytes an entry (an 8-byte fingerprint prefix, the plaintext
-// length, and where the record is: container slot, offset, record length),
-// plus a bucket table of 4 bytes per 16 entries to start the search. The full
+// Compact: 20 bytes an entry (an 8-byte fingerprint prefix, the record's
+// offset, and the plaintext length, record length and container slot packed
+// into 64 bits), plus a bucket table of 4 bytes per 16 entries to start the
+// search: 20.25 bytes a block in all. The full
 // 32-byte fingerprints stay in the version's index objects; a prefix hit is
 // confirmed by reading the entry's full fingerprint from there before the
 // block is referenced, so a prefix collision is a miss, never a wrong block.
@@ -46,14 +47,22 @@ class CdsIndex final : public CommonBlockIndex {
   uint64_t prefix_collisions() const { return collisions_.load(); }
   uint64_t confirm_errors() const { return confirm_errors_.load(); }
 
-  struct Entry {  // 24 bytes
-    uint64_t prefix;
-    uint32_t length;
-    uint32_t container_slot;  // into containers_
+  // 20 bytes, 4-byte aligned (no padding): the prefix in two halves, the
+  // record offset, and length (21 bits) | record length (21) | container
+  // slot (22) in two words.
+  struct Entry {
+    uint32_t prefix_hi, prefix_lo;
     uint32_t offset;
-    uint32_t record_len;
+    uint32_t packed_lo, packed_hi;
+    uint64_t prefix() const { return uint64_t{prefix_hi} << 32 | prefix_lo; }
+    uint64_t packed() const { return uint64_t{packed_hi} << 32 | packed_lo; }
+    uint32_t length() const { return static_cast<uint32_t>(packed() & kField21); }
+    uint32_t record_len() const { return static_cast<uint32_t>(packed() >> 21 & kField21); }
+    uint32_t slot() const { return static_cast<uint32_t>(packed() >> 42); }
   };
-  static_assert(sizeof(Entry) == 24);
+  static_assert(sizeof(Entry) == 20);
+  static constexpr uint64_t kField21 = (uint64_t{1} << 21) - 1;
+  static constexpr uint64_t kMaxContainers = uint64_t{1} << 22;
 
  private:
   CdsIndex() = default;

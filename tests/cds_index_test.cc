@@ -151,15 +151,31 @@ TEST(CdsIndexTest, FailedConfirmationIsAMiss) {
   EXPECT_EQ(index->prefix_collisions(), 64u);
 }
 
-TEST(CdsIndexTest, MemoryIsAbout24BytesAnEntry) {
+TEST(CdsIndexTest, MemoryIsAbout20BytesAnEntry) {
   for (size_t n : {16, 1000, 100000}) {
     std::vector<CdsEntry> entries = MakeEntries(n, 11);
     std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(1, entries, FromVector{&entries});
-    // 24 bytes an entry, a bucket (4 bytes) per 16 or more entries, the
-    // container table (5 here) and the object itself.
-    EXPECT_GE(index->MemoryBytes(), 24 * n);
-    EXPECT_LE(index->MemoryBytes(), 24 * n + n / 4 + 512) << n;
+    // 20 bytes an entry, a bucket (4 bytes) per 16 or more entries, the
+    // container table (5 here) and the object itself: under the 24 bytes an
+    // entry the CDS issue allows, whatever the size.
+    EXPECT_GE(index->MemoryBytes(), 20 * n);
+    EXPECT_LE(index->MemoryBytes(), 20 * n + n / 4 + 512) << n;
+    if (n >= 1000) {
+      EXPECT_LE(index->MemoryBytes(), 24 * n) << n;
+    }
   }
+}
+
+TEST(CdsIndexTest, LargestLengthsAndOffsetsSurviveThePacking) {
+  std::vector<CdsEntry> entries = MakeEntries(100, 21);
+  for (size_t i = 0; i < entries.size(); i++) {
+    entries[i].length = (1u << 20) - static_cast<uint32_t>(i % 2);  // up to 1 MiB
+    entries[i].record_len = 48 + entries[i].length;
+    entries[i].offset = (64u << 20) - 48 - entries[i].length;  // the end of a 64 MiB object
+    entries[i].container = (uint64_t{7} << 20) | i;            // 100 distinct containers
+  }
+  std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(7, entries, FromVector{&entries});
+  for (const CdsEntry& e : entries) ExpectHit(*index, e);
 }
 
 TEST(CdsIndexTest, LoadFromLocalObjectStore) {
