@@ -89,6 +89,14 @@ Status RunBitmapOp(const std::string& path, const std::string& name,
 
 }  // namespace
 
+Result<ImageInfo> InspectSourceImage(const std::string& path) {
+  ASSIGN_OR_RETURN(ImageInfo info, InspectImage(path));
+  if (info.format != "raw" && info.format != "qcow2")
+    return Status::InvalidArgument(path + " is a " + info.format +
+                                   " image; vmdedup reads raw and qcow2 images");
+  return info;
+}
+
 Result<ImageInfo> InspectImage(const std::string& path) {
   RETURN_IF_ERROR(CheckImagePath(path));
   // No -U (force share): a bitmap of an image that a VM has open is not what

@@ -42,6 +42,9 @@ struct ImageInfo {
 // qemu-img cannot open as an image (a directory, a damaged qcow2 header) is
 // InvalidArgument with qemu-img's message. Any readable file probes as raw.
 Result<ImageInfo> InspectImage(const std::string& path);
+// InspectImage of an image vmdedup can read as a source: InvalidArgument
+// unless it is raw or qcow2.
+Result<ImageInfo> InspectSourceImage(const std::string& path);
 
 // `qemu-img bitmap --add [--disable]`; granularity: the cluster size, at most
 // 64 KiB (qemu-img default). An enabled bitmap records the writes of whoever opens the

@@ -119,11 +119,6 @@ void RollBackImageBitmaps(const std::string& path, const ImageBitmapPlan& plan,
                 " (the next backup will detect it)");
 }
 
-bool IsNbdUri(const std::string& s) {
-  return s.rfind("nbd://", 0) == 0 || s.rfind("nbd+unix://", 0) == 0 ||
-         s.rfind("nbds://", 0) == 0 || s.rfind("nbds+unix://", 0) == 0;
-}
-
 }  // namespace
 
 std::string SeriesBitmapPrefix(const std::string& repo_id, const std::string& vm,
@@ -160,10 +155,7 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
     if (o.bitmap)
       return Status::InvalidArgument(
           "--bitmap is for NBD URIs; vmdedup manages the bitmaps of qcow2 images itself");
-    ASSIGN_OR_RETURN(ImageInfo info, InspectImage(image_path));
-    if (info.format != "raw" && info.format != "qcow2")
-      return Status::InvalidArgument(image_path + " is a " + info.format +
-                                     " image; vmdedup reads raw and qcow2 images");
+    ASSIGN_OR_RETURN(ImageInfo info, InspectSourceImage(image_path));
     ImageFileOptions fo;
     fo.path = image_path;
     fo.format = info.format;

@@ -100,20 +100,11 @@ std::string ChunkerText(const ChunkerParams& c) {
          std::to_string(c.min_size) + "/" + std::to_string(c.max_size);
 }
 
-bool IsNbdUri(const std::string& s) {
-  return s.rfind("nbd://", 0) == 0 || s.rfind("nbds://", 0) == 0 ||
-         s.rfind("nbd+unix://", 0) == 0 || s.rfind("nbds+unix://", 0) == 0 ||
-         s.rfind("nbd+vsock://", 0) == 0;
-}
-
 Result<std::unique_ptr<BlockSource>> OpenSeed(const std::string& seed) {
   if (seed.rfind("file:", 0) == 0) {
     std::string path = seed.substr(5);
     if (path.empty()) return Status::InvalidArgument("seed 'file:' needs a path: file:PATH");
-    ASSIGN_OR_RETURN(ImageInfo info, InspectImage(path));
-    if (info.format != "raw" && info.format != "qcow2")
-      return Status::InvalidArgument(path + " is a " + info.format +
-                                     " image; vmdedup reads raw and qcow2 images");
+    ASSIGN_OR_RETURN(ImageInfo info, InspectSourceImage(path));
     ImageFileOptions fo;
     fo.path = path;
     fo.format = info.format;

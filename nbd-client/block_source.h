@@ -25,6 +25,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/status.h"
@@ -72,6 +73,10 @@ class BlockSource {
   // "nbd+unix:///?socket=..." or "file:/path/disk.qcow2 (qcow2)", for messages.
   virtual std::string Describe() const = 0;
 };
+
+// True for the NBD URI schemes libnbd connects to (nbd://, nbds://,
+// nbd+unix://, nbds+unix://, nbd+vsock://).
+bool IsNbdUri(std::string_view text);
 
 struct NbdUriOptions {
   std::string uri;

@@ -584,6 +584,13 @@ Status WaitConnected(nbd_handle* h, unsigned timeout_seconds) {
 
 }  // namespace
 
+bool IsNbdUri(std::string_view text) {
+  for (std::string_view scheme :
+       {"nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://"})
+    if (text.starts_with(scheme)) return true;
+  return false;
+}
+
 Result<std::unique_ptr<BlockSource>> OpenNbdUri(const NbdUriOptions& options) {
   ASSIGN_OR_RETURN(nbd_handle * h, CreateHandle(options.bitmap, options.uri));
   NbdBlockSource::Config config;

@@ -378,38 +378,20 @@ TEST_F(BackupImageTest, NbdServerGoneMidBackupFailsCleanly) {
   Backup();
   std::string raw = dir_.Sub("src.raw");
   ASSERT_EQ(RunCommand({"qemu-img", "convert", "-O", "raw", image_, raw}).exit_code, 0);
-  std::string sock = dir_.Sub("slow.sock");
-  std::string marker = dir_.Sub("reads");
-  // A server that serves every read slowly (0.3 s, one request at a time) and
-  // appends a line to `marker` when a read starts. We kill it once two reads
-  // have started: vmdedup is then mid-backup, whatever the machine's speed,
-  // because the 48 MiB of data need more than two reads (at most 4 MiB each).
-  std::string pread = "echo >> '" + marker + "'; sleep 0.3; dd if='" + raw +
-                      "' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none";
-  pid_t pid = fork();
-  if (pid == 0) {
-    execlp("nbdkit", "nbdkit", "--foreground", "-U", sock.c_str(), "eval",
-           ("get_size=echo " + std::to_string(64 * kMiB)).c_str(), ("pread=" + pread).c_str(),
-           static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  for (int i = 0; i < 400 && access(sock.c_str(), F_OK) != 0; i++)
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
-  ASSERT_EQ(access(sock.c_str(), F_OK), 0);
+  // A server that serves every read slowly (0.3 s, one request at a time),
+  // killed once two reads have started: vmdedup is then mid-backup, whatever
+  // the machine's speed, because the 48 MiB of data need more than two reads
+  // (at most 4 MiB each).
+  SlowNbdServer server(raw, 64 * kMiB, "0.3", dir_.Sub("slow.sock"), dir_.Sub("reads"));
+  ASSERT_TRUE(server.Listening());
   std::atomic<bool> killed{false};
   std::thread killer([&] {
-    for (int i = 0; i < 6000; i++) {  // at most 60 s
-      std::ifstream in(marker);
-      std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      if (std::count(content.begin(), content.end(), '\n') >= 2) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    killed = kill(pid, SIGKILL) == 0;
+    server.WaitForReads(2, 60000);
+    killed = server.Kill(SIGKILL);
   });
-  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "nbd", "--threads", "1",
-                    "nbd+unix:///?socket=" + sock});
+  auto r = Vmdedup(
+      {"backup", "-r", repo_, "--vm", "vm1", "--disk", "nbd", "--threads", "1", server.Uri()});
   killer.join();
-  waitpid(pid, nullptr, 0);
   ASSERT_TRUE(killed);
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_NE(r.err.find("IOError"), std::string::npos) << r.err;

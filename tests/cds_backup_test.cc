@@ -180,43 +180,25 @@ TEST_F(CdsBackupTest, RebuildWhileABackupRunsKeepsTheVersionItStartedWith) {
 
   // vm4 is read from a slow NBD server that marks every read it starts.
   std::string image = MakeVmImage("vm4");
-  std::string sock = dir_.Sub("slow.sock"), marker = dir_.Sub("reads");
-  std::string pread = "echo >> '" + marker + "'; sleep 0.1; dd if='" + image +
-                      "' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none";
-  pid_t server = fork();
-  if (server == 0) {
-    execlp("nbdkit", "nbdkit", "--foreground", "-U", sock.c_str(), "eval",
-           ("get_size=echo " + std::to_string(16 * kMiB)).c_str(), ("pread=" + pread).c_str(),
-           static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  for (int i = 0; i < 400 && access(sock.c_str(), F_OK) != 0; i++)
-    std::this_thread::sleep_for(std::chrono::milliseconds(25));
-  ASSERT_EQ(access(sock.c_str(), F_OK), 0);
+  SlowNbdServer server(image, 16 * kMiB, "0.1", dir_.Sub("slow.sock"), dir_.Sub("reads"));
+  ASSERT_TRUE(server.Listening());
 
   CommandResult backup;
   std::thread runner([&] {
     backup = Vmdedup({"backup", "-r", repo_, "--vm", "vm4", "--disk", "vda", "--json", "--threads",
-                      "1", "nbd+unix:///?socket=" + sock});
+                      "1", server.Uri()});
   });
-  auto reads = [&] {
-    std::ifstream in(marker);
-    std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    return std::count(s.begin(), s.end(), '\n');
-  };
-  for (int i = 0; i < 3000 && reads() < 2; i++)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  EXPECT_GE(reads(), 2);
+  EXPECT_TRUE(server.WaitForReads(2, 30000));
 
   // The rebuild runs while vm4's backup holds its VM: vm4 is skipped, the
   // others are counted, version 2 is published.
   auto built = BuildCds({"--fraction", "100"});
   std::string build_err = last_err_;
   EXPECT_FALSE(built.is_null());
-  EXPECT_LT(reads(), 64) << "the backup finished before the rebuild; the test proves nothing";
+  EXPECT_LT(server.ReadsStarted(), 64)
+      << "the backup finished before the rebuild; the test proves nothing";
   runner.join();
-  kill(server, SIGTERM);
-  waitpid(server, nullptr, 0);
+  server.Kill(SIGTERM);
   EXPECT_NE((built.dump() + build_err).find("vm4"), std::string::npos)
       << "the busy VM is not named: " << built.dump() << build_err;
 

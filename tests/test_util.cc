@@ -2,12 +2,15 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <stdexcept>
 
@@ -94,5 +97,47 @@ std::string RandomBytes(size_t n, uint64_t seed) {
 }
 
 std::string VmdedupBinary() { return VMDEDUP_BINARY; }
+
+SlowNbdServer::SlowNbdServer(const std::string& image, uint64_t size, const std::string& delay,
+                             const std::string& socket_path, const std::string& marker_path)
+    : socket_(socket_path), marker_(marker_path) {
+  std::string pread = "echo >> '" + marker_ + "'; sleep " + delay + "; dd if='" + image +
+                      "' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none";
+  std::string get_size = "get_size=echo " + std::to_string(size);
+  pread = "pread=" + pread;
+  pid_ = fork();
+  if (pid_ == 0) {
+    execlp("nbdkit", "nbdkit", "--foreground", "-U", socket_.c_str(), "eval", get_size.c_str(),
+           pread.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  for (int i = 0; i < 400 && access(socket_.c_str(), F_OK) != 0; i++) usleep(25000);
+}
+
+SlowNbdServer::~SlowNbdServer() { Kill(SIGKILL); }
+
+bool SlowNbdServer::Listening() const { return access(socket_.c_str(), F_OK) == 0; }
+
+int SlowNbdServer::ReadsStarted() const {
+  std::ifstream in(marker_);
+  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return static_cast<int>(std::count(s.begin(), s.end(), '\n'));
+}
+
+bool SlowNbdServer::WaitForReads(int n, int timeout_ms) const {
+  for (int waited = 0; ReadsStarted() < n; waited += 10) {
+    if (waited >= timeout_ms) return false;
+    usleep(10000);
+  }
+  return true;
+}
+
+bool SlowNbdServer::Kill(int sig) {
+  if (pid_ <= 0) return false;
+  bool sent = kill(pid_, sig) == 0;
+  waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+  return sent;
+}
 
 }  // namespace vmdedup::testing

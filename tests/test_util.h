@@ -42,4 +42,29 @@ std::string RandomBytes(size_t n, uint64_t seed);
 // The path of the built vmdedup binary.
 std::string VmdedupBinary();
 
+// An nbdkit server of a raw image on a unix socket (`socket_path`) that
+// serves one read at a time, each after `delay` ("0.3" seconds), and appends
+// a line to `marker_path` when a read starts: tests wait for reads to start
+// instead of guessing how long a backup takes. Killed (SIGKILL) and reaped
+// on destruction unless Kill was called.
+class SlowNbdServer {
+ public:
+  SlowNbdServer(const std::string& image, uint64_t size, const std::string& delay,
+                const std::string& socket_path, const std::string& marker_path);
+  ~SlowNbdServer();
+  SlowNbdServer(const SlowNbdServer&) = delete;
+  SlowNbdServer& operator=(const SlowNbdServer&) = delete;
+  bool Listening() const;  // the socket appeared (waited up to 10 s)
+  std::string Uri() const { return "nbd+unix:///?socket=" + socket_; }
+  int ReadsStarted() const;
+  // Waits (up to `timeout_ms`) until `n` reads have started.
+  bool WaitForReads(int n, int timeout_ms) const;
+  // Sends `sig` and reaps the server; true when it was still there.
+  bool Kill(int sig);
+
+ private:
+  std::string socket_, marker_;
+  int pid_ = -1;
+};
+
 }  // namespace vmdedup::testing
