@@ -1,5 +1,6 @@
 #include <cstdio>
 
+#include "base/priority.h"
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/output.h"
@@ -56,6 +57,12 @@ Options:
   --full              ignore bitmaps and read every allocated extent
   --threads N         worker threads for chunking, hashing, compression
                       (default: the number of cores)
+  --priority P        CPU and I/O priority of the backup, so that busy guests
+                      come first: low (default; nice 10, I/O best-effort 7),
+                      idle (runs only on CPU the guests leave: SCHED_IDLE and
+                      the idle I/O class; a busy host may stall the backup)
+                      or normal. Threads and the qemu-nbd that vmdedup starts
+                      inherit it; QEMU's own work for a live backup does not
   --json              print the new snapshot as a JSON object on stdout
   -q, --quiet         no progress, no report
   -h, --help          this text
@@ -118,6 +125,7 @@ int BackupCommand(int argc, char** argv) {
                            {"bitmap", 0, true},
                            {"full", 0, false},
                            {"threads", 0, true},
+                           {"priority", 0, true},
                            {"json", 0, false},
                            {"quiet", 'q', false},
                            {"help", 'h', false},
@@ -137,6 +145,10 @@ int BackupCommand(int argc, char** argv) {
   if (!repo_path.ok()) return ReportError(repo_path.status());
   auto threads = args->Threads();
   if (!threads.ok()) return ReportError(threads.status());
+  auto priority = ParsePriority(args->Get("priority").value_or("low"));
+  if (!priority.ok()) return ReportError(priority.status());
+  // Before any thread starts (LevelDB's among them), so that all inherit it.
+  if (Status st = ApplyPriority(*priority); !st.ok()) return ReportError(st);
   auto repo = Repository::Open(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
 

@@ -258,6 +258,12 @@ TEST_F(BackupImageTest, BadInputGivesClearErrors) {
   // Unknown source kind.
   r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "ftp://host/x"});
   EXPECT_EQ(r.exit_code, 2);
+  // Unknown priority: names the value and the choices, and records nothing.
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "--priority", "high", "file:" + image_});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("normal, low or idle, got 'high'"), std::string::npos) << r.err;
+  r = Vmdedup({"snapshots", "-r", repo_, "--vm", "x"});
+  EXPECT_EQ(r.out.find("x/"), std::string::npos) << r.out;
   // Unknown snapshot.
   Backup();
   r = Vmdedup({"restore", "-r", repo_, "vm1/vda/9", "--to", dir_.Sub("o.raw")});
