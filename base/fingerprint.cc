@@ -16,16 +16,20 @@ std::string Fingerprint::Hex() const {
   return s;
 }
 
-Sha256Hasher::Sha256Hasher() : ctx_(EVP_MD_CTX_new()) {
-  if (ctx_ == nullptr) std::abort();
+Sha256Hasher::Sha256Hasher()
+    : ctx_(EVP_MD_CTX_new()), md_(EVP_MD_fetch(nullptr, "SHA256", nullptr)) {
+  if (ctx_ == nullptr || md_ == nullptr) std::abort();
 }
 
-Sha256Hasher::~Sha256Hasher() { EVP_MD_CTX_free(ctx_); }
+Sha256Hasher::~Sha256Hasher() {
+  EVP_MD_CTX_free(ctx_);
+  EVP_MD_free(md_);
+}
 
 Fingerprint Sha256Hasher::Hash(std::span<const uint8_t> data) {
   Fingerprint fp;
   unsigned int len = 0;
-  if (EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr) != 1 ||
+  if (EVP_DigestInit_ex2(ctx_, md_, nullptr) != 1 ||
       EVP_DigestUpdate(ctx_, data.data(), data.size()) != 1 ||
       EVP_DigestFinal_ex(ctx_, fp.bytes.data(), &len) != 1 || len != fp.bytes.size()) {
     std::abort();  // only fails on allocation failure inside OpenSSL

@@ -1,8 +1,10 @@
 // Fingerprint: the SHA-256 of a block's plaintext (OpenSSL EVP), and the
 // helpers to print and compare it.
 //
-// Sha256Hasher owns an EVP context; use one per thread. The free functions
-// are thread-safe.
+// Sha256Hasher owns an EVP context and the SHA-256 implementation, fetched
+// once (the implicit fetch of EVP_sha256() on every init added half the cost
+// of hashing a 4 KiB block); use one per thread. The free functions are
+// thread-safe.
 #pragma once
 
 #include <array>
@@ -13,6 +15,7 @@
 #include <string>
 
 struct evp_md_ctx_st;
+struct evp_md_st;
 
 namespace vmdedup {
 
@@ -42,6 +45,7 @@ class Sha256Hasher {
 
  private:
   evp_md_ctx_st* ctx_;
+  evp_md_st* md_;
 };
 
 // One-shot convenience (allocates a context per call).

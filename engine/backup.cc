@@ -30,7 +30,10 @@ struct Piece {
   BlockRef ref;
   Level level = Level::kZero;
   Compression compression = Compression::kNone;
-  std::string payload;  // kNew only
+  // kNew only, the bytes to store: compressed ones in the job's `compressed`
+  // arena, or (kNone) the block itself in the job's read buffer.
+  uint32_t payload_offset = 0;
+  uint32_t payload_len = 0;
 };
 
 // What a segment job must do, in offset order: keep a parent block, record a
@@ -54,6 +57,9 @@ struct SegmentJob {
   std::vector<uint8_t> buffer;
   uint64_t read_bytes = 0;
   std::vector<Piece> pieces;
+  // The compressed payloads of the job's new blocks, back to back. Each is
+  // smaller than its block, so read_bytes bounds the whole; reserved once.
+  std::string compressed;
   Status status;
   bool submitted = false;
   std::promise<void> done;
@@ -114,7 +120,7 @@ class BackupRun {
   void Process(SegmentJob& job);
   Status Commit(SegmentJob& job);
   Status FlushReads();
-  Status AppendNew(Piece& p);
+  Status AppendNew(Piece& p, std::span<const uint8_t> payload);
   Status Seal();
   Status WriteBatchCounted(WriteBatch& b, bool sync);
   void Report();
@@ -145,7 +151,10 @@ class BackupRun {
   std::unordered_map<Fingerprint, StoredAt, FingerprintHash> run_index_;
 
   std::deque<std::unique_ptr<SegmentJob>> queue_;
-  std::vector<std::vector<uint8_t>> free_buffers_;  // main thread only
+  // Recycled read buffers and compression arenas (main thread only): fresh
+  // 2 MiB allocations would be page-faulted in again for every segment.
+  std::vector<std::vector<uint8_t>> free_buffers_;
+  std::vector<std::string> free_arenas_;
   std::vector<SegmentJob*> read_batch_;
   size_t read_batch_bytes_ = 0;
   ThreadPool pool_;
@@ -278,6 +287,11 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
       free_buffers_.pop_back();
     }
     job.buffer.resize(job.length);
+    if (!free_arenas_.empty()) {
+      job.compressed = std::move(free_arenas_.back());
+      free_arenas_.pop_back();
+    }
+    job.compressed.reserve(job.read_bytes);
   }
   return Status::OK();
 }
@@ -295,6 +309,7 @@ void BackupRun::Process(SegmentJob& job) {
       if (b.kind != BlockKind::kZero) parent_blocks.emplace(b.fingerprint, &b);
   }
   std::vector<uint32_t> lengths;
+  job.pieces.reserve(job.items.size() + job.read_bytes / cfg_.chunker.avg_size + 16);
   for (const Item& item : job.items) {
     if (item.kind == Item::kKept) {
       Piece p;
@@ -336,7 +351,15 @@ void BackupRun::Process(SegmentJob& job) {
         p.ref.kind = BlockKind::kOwn;
         p.ref.fingerprint = fp;
         p.level = Level::kNew;
-        p.compression = ws.compressor->Compress(block, &p.payload);
+        Compressor::View out = ws.compressor->CompressView(block);
+        p.compression = out.compression;
+        p.payload_len = static_cast<uint32_t>(out.bytes.size());
+        if (out.compression == Compression::kNone) {
+          p.payload_offset = static_cast<uint32_t>(block.data() - job.buffer.data());
+        } else {
+          p.payload_offset = static_cast<uint32_t>(job.compressed.size());
+          job.compressed.append(reinterpret_cast<const char*>(out.bytes.data()), out.bytes.size());
+        }
       }
       job.pieces.push_back(std::move(p));
     }
@@ -373,7 +396,7 @@ Status BackupRun::Seal() {
   return Status::OK();
 }
 
-Status BackupRun::AppendNew(Piece& p) {
+Status BackupRun::AppendNew(Piece& p, std::span<const uint8_t> payload) {
   // The fingerprint covers the length: equal fingerprints mean equal blocks.
   if (auto it = run_index_.find(p.ref.fingerprint); it != run_index_.end()) {
     p.ref.container = it->second.container;
@@ -382,15 +405,13 @@ Status BackupRun::AppendNew(Piece& p) {
     p.level = Level::kBlock;
     return Status::OK();
   }
-  if (writer_has_id_ && !writer_.Fits(p.payload.size())) RETURN_IF_ERROR(Seal());
+  if (writer_has_id_ && !writer_.Fits(payload.size())) RETURN_IF_ERROR(Seal());
   if (!writer_has_id_) {
     ASSIGN_OR_RETURN(uint64_t id, vm_.AllocateContainerId());
     writer_.Reset(id);
     writer_has_id_ = true;
   }
-  BlockRecordInfo info =
-      writer_.Append(p.ref.fingerprint, p.ref.length, p.compression,
-                     {reinterpret_cast<const uint8_t*>(p.payload.data()), p.payload.size()});
+  BlockRecordInfo info = writer_.Append(p.ref.fingerprint, p.ref.length, p.compression, payload);
   p.ref.container = writer_.id();
   p.ref.offset = info.offset;
   p.ref.record_len = info.record_len;
@@ -400,7 +421,6 @@ Status BackupRun::AppendNew(Piece& p) {
   if (run_index_.size() < kMaxRunIndexEntries)
     run_index_.emplace(p.ref.fingerprint,
                        StoredAt{p.ref.container, p.ref.offset, p.ref.record_len});
-  p.payload.clear();
   return Status::OK();
 }
 
@@ -416,13 +436,14 @@ Status BackupRun::Commit(SegmentJob& job) {
     return Status::OK();
   }
   RETURN_IF_ERROR(job.status);
-  // Segment buffers are reused: fresh 2 MiB allocations would be page-faulted
-  // in again for every segment.
-  if (job.buffer.capacity() > 0) free_buffers_.push_back(std::move(job.buffer));
   SegmentRecipe recipe;
   recipe.length = job.length;
+  const auto* arena = reinterpret_cast<const uint8_t*>(job.compressed.data());
   for (Piece& p : job.pieces) {
-    if (p.level == Level::kNew) RETURN_IF_ERROR(AppendNew(p));
+    if (p.level == Level::kNew) {
+      const uint8_t* base = p.compression == Compression::kNone ? job.buffer.data() : arena;
+      RETURN_IF_ERROR(AppendNew(p, {base + p.payload_offset, p.payload_len}));
+    }
     switch (p.level) {
       case Level::kZero:
         st.zero += p.ref.length;
@@ -446,6 +467,11 @@ Status BackupRun::Commit(SegmentJob& job) {
       recipe.blocks.push_back(p.ref);
   }
   job.pieces.clear();
+  if (job.buffer.capacity() > 0) free_buffers_.push_back(std::move(job.buffer));
+  if (job.read_bytes > 0) {
+    job.compressed.clear();
+    free_arenas_.push_back(std::move(job.compressed));
+  }
   if (recipe.blocks.size() == 1 && recipe.blocks[0].kind == BlockKind::kZero) {
     segments_[job.index] = 0;  // all zero: no recipe
   } else if (job.parent && job.parent->length == recipe.length &&

@@ -12,19 +12,25 @@ Compressor::Compressor(int level) : ctx_(ZSTD_createCCtx()), level_(level) {}
 
 Compressor::~Compressor() { ZSTD_freeCCtx(ctx_); }
 
-Compression Compressor::Compress(std::span<const uint8_t> in, std::string* out) {
+Compressor::View Compressor::CompressView(std::span<const uint8_t> in) {
   size_t n = in.size();
   if (ctx_ != nullptr && n > 0) {
-    out->resize(ZSTD_compressBound(n));
-    size_t c = ZSTD_compressCCtx(ctx_, out->data(), out->size(), in.data(), n, level_);
-    // Keep the compressed form only when it saves at least 1/32 of the size.
-    if (!ZSTD_isError(c) && c <= n - n / 32) {
-      out->resize(c);
-      return Compression::kZstd;
+    size_t bound = ZSTD_compressBound(n);
+    if (bound > out_capacity_) {
+      out_ = std::make_unique_for_overwrite<uint8_t[]>(bound);
+      out_capacity_ = bound;
     }
+    size_t c = ZSTD_compressCCtx(ctx_, out_.get(), out_capacity_, in.data(), n, level_);
+    // Keep the compressed form only when it saves at least 1/32 of the size.
+    if (!ZSTD_isError(c) && c <= n - n / 32) return {Compression::kZstd, {out_.get(), c}};
   }
-  out->assign(reinterpret_cast<const char*>(in.data()), n);
-  return Compression::kNone;
+  return {Compression::kNone, in};
+}
+
+Compression Compressor::Compress(std::span<const uint8_t> in, std::string* out) {
+  View v = CompressView(in);
+  out->assign(reinterpret_cast<const char*>(v.bytes.data()), v.bytes.size());
+  return v.compression;
 }
 
 namespace {

@@ -1,8 +1,10 @@
-// Block compression (zstd). Compressor keeps a zstd context and is used by
-// one thread at a time; Decompress is thread-safe (thread-local context).
+// Block compression (zstd). Compressor keeps a zstd context and an output
+// buffer and is used by one thread at a time; Decompress is thread-safe
+// (thread-local context).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 
@@ -24,9 +26,22 @@ class Compressor {
   // not save at least 1/32 of the size, stores `in` as is and returns kNone.
   Compression Compress(std::span<const uint8_t> in, std::string* out);
 
+  // The same choice and bytes as Compress, without a copy: `bytes` is the
+  // compressed form in the compressor's own buffer (kZstd; valid until the
+  // next call) or `in` itself (kNone).
+  struct View {
+    Compression compression;
+    std::span<const uint8_t> bytes;
+  };
+  View CompressView(std::span<const uint8_t> in);
+
  private:
   ZSTD_CCtx_s* ctx_;
   int level_;
+  // Output buffer, grown to ZSTD_compressBound of the largest input so far;
+  // never zero-filled.
+  std::unique_ptr<uint8_t[]> out_;
+  size_t out_capacity_ = 0;
 };
 
 // Decompresses a payload whose plaintext is exactly `raw_len` bytes; any
