@@ -605,8 +605,12 @@ Result<SnapshotRecord> BackupRun::Run() {
   snap_.stats.metadata += key.size() + value.size();
   value = EncodeSnapshot(key, snap_);  // again, now counting itself
   commit.Put(key, value);
-  Status st = vm_.meta()->Write(commit, true);
-  if (!st.ok()) return st.WithContext("commit snapshot " + snap_.Id());
+  if (req_.commit_into != nullptr) {
+    req_.commit_into->Append(commit);
+  } else {
+    Status st = vm_.meta()->Write(commit, true);
+    if (!st.ok()) return st.WithContext("commit snapshot " + snap_.Id());
+  }
   progress_.done_bytes = size;
   if (req_.progress) req_.progress(progress_);
   return snap_;

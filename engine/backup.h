@@ -11,7 +11,8 @@
 //
 // Ordering (crash safety): a container object is durable before the catalog
 // entry and recipes that reference it are written; the snapshot record, its
-// segment list and the series counter appear in one synced batch, last.
+// segment list and the series counter appear in one synced batch, last
+// (or are handed to the caller to write with other disks': commit_into).
 //
 // Thread model: RunBackup is called from one thread; it uses `threads`
 // workers of its own for chunking, hashing and compression. Memory is bounded
@@ -28,6 +29,7 @@
 #include "base/status.h"
 #include "engine/common_block_index.h"
 #include "nbd-client/block_source.h"
+#include "store/metadata_store.h"
 #include "store/records.h"
 #include "store/repository.h"
 
@@ -54,6 +56,14 @@ struct BackupRequest {
   const std::atomic<bool>* cancel = nullptr;  // checked between segments
   std::function<void(const BackupProgress&)> progress;
   int64_t time = 0;  // the consistent instant; 0 = now
+  // Null: RunBackup commits the snapshot itself. Otherwise the final batch
+  // (snapshot record, segment list, series counter) is appended here and not
+  // written: the snapshot exists once the caller writes this batch with
+  // sync=true, which is how several disks of one VM commit as one. The
+  // containers it references are durable when RunBackup returns; the recipes
+  // and catalog entries written before it become durable with that synced
+  // write (the metadata store applies writes in order).
+  WriteBatch* commit_into = nullptr;
 };
 
 Result<SnapshotRecord> RunBackup(Repository& repo, VmStore& vm, const BackupRequest& request);

@@ -94,8 +94,9 @@ class LiveBackup {
   std::unique_ptr<QmpClient> qmp_;
   std::unique_ptr<VmStore> vm_;
   std::vector<DiskPlan> plans_;
-  std::vector<SnapshotRecord> snapshots_;
-  bool area_clean_ = false;  // nothing of this run is left in the scratch area
+  std::vector<SnapshotRecord> snapshots_;  // read and stored; committed by commit_
+  WriteBatch commit_;                      // every disk's final batch
+  bool area_clean_ = false;                // nothing of this run is left in the scratch area
 };
 
 Status LiveBackup::SelectDisks(const std::vector<LiveDisk>& all) {
@@ -317,8 +318,8 @@ Status LiveBackup::BackUpDisk(DiskPlan& p, const std::string& uri, int64_t insta
     req.progress = [this, name](const BackupProgress& pr) { o_.progress(name, pr); };
   }
   req.time = instant;
+  req.commit_into = &commit_;  // committed with the other disks' in Run
   ASSIGN_OR_RETURN(SnapshotRecord snap, RunBackup(repo_, *vm_, req));
-  p.committed = true;
   snapshots_.push_back(std::move(snap));
   return Status::OK();
 }
@@ -439,6 +440,16 @@ Result<std::vector<SnapshotRecord>> LiveBackup::RunInScratchArea(ScratchArea& ar
       }
       failure = BackUpDisk(plans_[i], fleece.Uri(i), instant);
     }
+    if (failure.ok() && Cancelled()) failure = Status::Aborted("backup interrupted");
+    if (failure.ok()) {
+      // All disks at once: the VM's backup appears whole or not at all.
+      failure = vm_->meta()->Write(commit_, true);
+      if (failure.ok()) {
+        for (DiskPlan& p : plans_) p.committed = true;
+      } else {
+        failure = failure.WithContext("commit the snapshots of " + o_.vm);
+      }
+    }
     Status td = fleece.Teardown();
     area_clean_ = td.ok();
     if (!td.ok() && !qmp_->closed())
@@ -453,11 +464,7 @@ Result<std::vector<SnapshotRecord>> LiveBackup::RunInScratchArea(ScratchArea& ar
   FinishBitmaps();
   // With QEMU gone nothing holds the scratch files any more.
   if (qmp_->closed()) area_clean_ = true;
-  if (!failure.ok()) {
-    for (const auto& s : snapshots_)
-      Note("snapshot " + s.Id() + " was committed before the failure and stays valid");
-    return failure;
-  }
+  if (!failure.ok()) return failure;
   return std::move(snapshots_);
 }
 

@@ -1,7 +1,9 @@
 // A live backup of a running QEMU guest, driven over QMP: every selected
 // disk of the VM is read from one instant (fleecing, one QMP transaction for
 // all disks) while the guest keeps writing, each into a new snapshot of its
-// disk series.
+// disk series. The snapshots of all disks are committed together, in one
+// synced metadata batch after the last disk was read: a backup of the VM
+// appears whole or not at all.
 //
 // Dirty bitmaps: per disk series, vmdedup keeps one persistent bitmap in
 // QEMU named like the file: source's (SeriesBitmapPrefix() + the seq of the
@@ -71,8 +73,8 @@ struct LiveBackupOptions {
 };
 
 // The snapshots committed, one per disk, in the order of the disks. On an
-// error no snapshot of the failed or later disks is recorded (a note names
-// the disks committed before it, whose snapshots stay valid).
+// error no snapshot is recorded, for any disk; what the run stored is left
+// for `check` to report as reclaimable.
 Result<std::vector<SnapshotRecord>> RunLiveBackupJob(Repository& repo,
                                                      const LiveBackupOptions& options);
 

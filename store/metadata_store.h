@@ -26,6 +26,11 @@ class WriteBatch {
     bytes_ += ops_.back().first.size() + ops_.back().second->size();
   }
   void Delete(std::string key) { ops_.emplace_back(std::move(key), std::nullopt); }
+  // Appends every operation of `other`, in order.
+  void Append(const WriteBatch& other) {
+    ops_.insert(ops_.end(), other.ops_.begin(), other.ops_.end());
+    bytes_ += other.bytes_;
+  }
   bool empty() const { return ops_.empty(); }
   size_t bytes() const { return bytes_; }
   void Clear() {

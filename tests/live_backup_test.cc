@@ -312,8 +312,8 @@ class Background {
 class LiveBackupTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (RunShell("command -v qemu-system-x86_64 >/dev/null").exit_code != 0)
-      GTEST_SKIP() << "qemu-system-x86_64 not installed";
+    ASSERT_EQ(RunShell("command -v qemu-system-x86_64 >/dev/null").exit_code, 0)
+        << "qemu-system-x86_64 is missing: scripts/setup.sh test installs it";
     repo_ = dir_.Sub("repo");
     scratch_ = dir_.Sub("scratch");
     ASSERT_EQ(::mkdir(scratch_.c_str(), 0700), 0);
@@ -546,6 +546,42 @@ TEST_F(LiveBackupTest, PointInTimeAcrossTwoDisksWhileTheGuestKeepsWriting) {
       << RoundIn(out, 16 * kMiB - 64 * kKiB);
   ASSERT_TRUE(g.qmp().Execute("block-export-del", {{"id", "ctl"}, {"mode", "hard"}}).ok());
   ASSERT_TRUE(g.qmp().Execute("nbd-server-stop").ok());
+}
+
+TEST_F(LiveBackupTest, TwoDisksCommitTogetherOrNotAtAll) {
+  // vd0 holds 256 KiB of data and vd1 24 MiB: read at 2 MiB/s, vd0 is done
+  // well within a second and vd1 takes about 12 s.
+  Guest g(dir_, {{"vd0", 16 * kMiB, 256 * kKiB, 11}, {"vd1", 32 * kMiB, 24 * kMiB, 12}});
+  g.Start();
+  const auto graph = g.Graph();
+  g.Throttle(2 * kMiB);
+  Background bg(dir_, BackupArgs(g, {"--threads", "1"}));
+  ASSERT_TRUE(WaitForFleece(g, bg)) << bg.Wait().err;
+  // Long after vd0 was read and stored, while vd1 is being read.
+  std::this_thread::sleep_for(4s);
+  ASSERT_FALSE(bg.Exited()) << "the backup ended before the test could interrupt it";
+  ::kill(bg.pid(), SIGTERM);
+  auto r = bg.Wait();
+  EXPECT_EQ(r.exit_code, 130) << r.err;
+  // Neither disk has a snapshot: the VM's backup is whole or absent.
+  auto list = Vmdedup({"snapshots", "-r", repo_, "--json"});
+  ASSERT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_FALSE(Contains(list.out, "vm1/")) << list.out;
+  EXPECT_EQ(g.Graph(), graph);
+  ExpectNoScratchFiles();
+  ExpectCheckClean();  // what vd0's read stored is reclaimable, not an error
+  auto check = Vmdedup({"check", "-r", repo_, "--json"});
+  ASSERT_EQ(check.exit_code, 0) << check.out << check.err;
+  EXPECT_GT(json::parse(check.out)["reclaimable_bytes"].get<uint64_t>(), 0u) << check.out;
+
+  g.Throttle(0);
+  auto snaps = Backup(g);
+  ASSERT_EQ(snaps.size(), 2u) << snaps.dump();
+  EXPECT_EQ(snaps[0]["id"], "vm1/vd0/1");
+  EXPECT_EQ(snaps[1]["id"], "vm1/vd1/1");
+  EXPECT_EQ(RestoreSha("vm1/vd0/1"), g.MirrorSha(0));
+  EXPECT_EQ(RestoreSha("vm1/vd1/1"), g.MirrorSha(1));
+  ExpectCheckClean();
 }
 
 TEST_F(LiveBackupTest, DiskSelectionAndClearErrors) {
