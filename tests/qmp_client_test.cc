@@ -276,7 +276,8 @@ bool KvmUsable() {
 class QmpClientQemuTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!FindInPath("qemu-system-x86_64")) GTEST_SKIP() << "qemu-system-x86_64 not installed";
+    ASSERT_TRUE(FindInPath("qemu-system-x86_64"))
+        << "qemu-system-x86_64 is missing: scripts/setup.sh test installs it";
     image_ = dir_.Sub("d0.qcow2");
     auto r = RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", image_, "16M"});
     ASSERT_EQ(r.exit_code, 0) << r.err;

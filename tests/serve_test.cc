@@ -410,7 +410,8 @@ class ServeTest : public ::testing::Test {
     g_world = nullptr;
   }
   void SetUp() override {
-    if (g_world == nullptr || g_world->snap2_sha.empty()) GTEST_SKIP() << "suite setup failed";
+    ASSERT_TRUE(g_world != nullptr && !g_world->snap2_sha.empty())
+        << "the suite's setup failed (see its assertion above)";
   }
 
   World& w() { return *g_world; }
@@ -584,7 +585,8 @@ TEST_F(ServeTest, DamagedContainerFailsOnlyItsSegmentWithEio) {
 }
 
 TEST_F(ServeTest, QemuRunsOnAnOverlayOfTheExportAndBlockStreamFinishesTheCopy) {
-  if (!FindProgram("qemu-system-x86_64")) GTEST_SKIP() << "qemu-system-x86_64 missing";
+  ASSERT_TRUE(FindProgram("qemu-system-x86_64"))
+      << "qemu-system-x86_64 is missing: scripts/setup.sh test installs it";
   Server server({"-r", w().repo, "vm1/vda/1"}, dir_.Sub("serve.log"));
   ASSERT_TRUE(server.ready()) << server.log();
   std::string socket = server.info()["socket"];
