@@ -109,7 +109,6 @@ class BackupRun {
         req_(req),
         cfg_(repo.config()),
         writer_(0, cfg_.container_capacity),
-        sealing_writer_(0, cfg_.container_capacity),
         pool_(std::max(1u, req.threads)) {}
 
   Result<SnapshotRecord> Run();
@@ -123,7 +122,6 @@ class BackupRun {
   Status FlushReads();
   Status AppendNew(Piece& p, std::span<const uint8_t> payload);
   Status Seal();
-  Status WaitForSeal();
   Status WriteBatchCounted(WriteBatch& b, bool sync);
   void Report();
 
@@ -145,13 +143,6 @@ class BackupRun {
   uint64_t next_segment_id_ = 1;
   WriteBatch pending_;
   size_t pending_recipes_ = 0;
-  // The container being stored in the background while writer_ fills the
-  // next one (so the pipeline does not wait for the disk): at most one is in
-  // flight, and the batch of its catalog record and recipes is written after
-  // it, by the same task, so a container is durable before anything refers
-  // to it. Declared after both writers: its destructor waits for the task.
-  ContainerWriter sealing_writer_;
-  std::future<Status> sealing_;
   struct StoredAt {
     uint64_t container;
     uint32_t offset;
@@ -382,38 +373,20 @@ Status BackupRun::WriteBatchCounted(WriteBatch& b, bool sync) {
   return st.WithContext("write metadata of VM '" + vm_.vm() + "'");
 }
 
-Status BackupRun::WaitForSeal() {
-  if (!sealing_.valid()) return Status::OK();
-  return sealing_.get();
-}
-
 Status BackupRun::Seal() {
-  // The previous container first: the recipes in pending_ may refer to it.
-  RETURN_IF_ERROR(WaitForSeal());
   if (!writer_.empty()) {
     ContainerRecord rec;
     rec.id = writer_.id();
     rec.block_count = writer_.block_count();
     rec.object = ContainerObjectName(vm_.vm(), rec.id);
     rec.written_by = req_.disk + "/" + std::to_string(snap_.seq);
-    std::swap(writer_, sealing_writer_);  // writer_ goes on with the idle buffer
-    writer_has_id_ = false;
-    std::string_view bytes = sealing_writer_.FinishInPlace();  // valid until its Reset
+    std::string_view bytes = writer_.FinishInPlace();
     rec.size = bytes.size();
+    Status st = repo_.objects()->Put(
+        rec.object, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
+    if (!st.ok()) return st.WithContext("store container " + rec.object);
+    writer_has_id_ = false;
     pending_.Put(ContainerKey(rec.id), EncodeContainerRecord(ContainerKey(rec.id), rec));
-    pending_.Put(CounterKey("segment"), EncodeCounter(CounterKey("segment"), next_segment_id_));
-    snap_.stats.metadata += pending_.bytes();
-    auto batch = std::make_shared<WriteBatch>(std::move(pending_));
-    pending_.Clear();
-    pending_recipes_ = 0;
-    sealing_ = std::async(std::launch::async, [this, rec = std::move(rec), bytes, batch] {
-      Status st = repo_.objects()->Put(
-          rec.object, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
-      if (!st.ok()) return st.WithContext("store container " + rec.object);
-      st = vm_.meta()->Write(*batch, false);
-      return st.WithContext("write metadata of VM '" + vm_.vm() + "'");
-    });
-    return Status::OK();
   }
   if (!pending_.empty()) {
     pending_.Put(CounterKey("segment"), EncodeCounter(CounterKey("segment"), next_segment_id_));
@@ -617,7 +590,6 @@ Result<SnapshotRecord> BackupRun::Run() {
     return failure;
   }
   RETURN_IF_ERROR(Seal());
-  RETURN_IF_ERROR(WaitForSeal());  // every container and recipe written
 
   auto end = std::chrono::steady_clock::now();
   snap_.duration_ms = static_cast<uint64_t>(

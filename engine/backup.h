@@ -15,11 +15,9 @@
 // (or are handed to the caller to write with other disks': commit_into).
 //
 // Thread model: RunBackup is called from one thread; it uses `threads`
-// workers of its own for chunking, hashing and compression, and one task at a
-// time that stores a sealed container and then the metadata batch referring
-// to it while the next container fills. Memory is bounded by the in-flight
-// segments (about 4 × threads + 8 segments), two container buffers and 8
-// bytes per segment of the disk.
+// workers of its own for chunking, hashing and compression. Memory is bounded
+// by the in-flight segments (about 4 × threads + 8 segments), one container
+// buffer and 8 bytes per segment of the disk.
 #pragma once
 
 #include <atomic>
