@@ -1,5 +1,6 @@
 #include "engine/snapshot_reader.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "store/container.h"
@@ -22,6 +23,18 @@ uint32_t SnapshotReader::SegmentLength(uint64_t index) const {
   return static_cast<uint32_t>(std::min<uint64_t>(snap_.segment_size, snap_.size - off));
 }
 
+Result<SegmentRecipe> SnapshotReader::GetRecipe(uint64_t index) const {
+  const std::string context = "snapshot " + snap_.Id() + ", segment " + std::to_string(index);
+  auto recipe = vm_.GetSegmentRecipe(segments_[index]);
+  if (!recipe.ok()) return recipe.status().WithContext(context);
+  const uint32_t length = SegmentLength(index);
+  if (recipe->length != length)
+    return Status::Corruption(context + ": recipe " + SegmentRecipeKey(recipe->id) + " covers " +
+                              std::to_string(recipe->length) + " bytes, expected " +
+                              std::to_string(length));
+  return recipe;
+}
+
 Status SnapshotReader::ReadSegment(uint64_t index, uint8_t* buf, Sha256Hasher& hasher,
                                    std::vector<std::pair<uint32_t, uint32_t>>* data) const {
   const uint32_t length = SegmentLength(index);
@@ -30,35 +43,61 @@ Status SnapshotReader::ReadSegment(uint64_t index, uint8_t* buf, Sha256Hasher& h
     std::memset(buf, 0, length);
     return Status::OK();
   }
+  ASSIGN_OR_RETURN(SegmentRecipe recipe, GetRecipe(index));
+  return DecodeRange(index, recipe, 0, length, buf, hasher, data);
+}
+
+Status SnapshotReader::ReadRange(uint64_t index, const SegmentRecipe& recipe, uint32_t begin,
+                                 uint32_t end, uint8_t* out, Sha256Hasher& hasher) const {
+  if (begin > end || end > recipe.length)
+    return Status::InvalidArgument("range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                   ") of segment " + std::to_string(index) + " of snapshot " +
+                                   snap_.Id() + " is beyond its " + std::to_string(recipe.length) +
+                                   " bytes");
+  return DecodeRange(index, recipe, begin, end, out, hasher, nullptr);
+}
+
+Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, uint32_t begin,
+                                   uint32_t end, uint8_t* out, Sha256Hasher& hasher,
+                                   std::vector<std::pair<uint32_t, uint32_t>>* data) const {
   const std::string context = "snapshot " + snap_.Id() + ", segment " + std::to_string(index);
-  auto recipe = vm_.GetSegmentRecipe(segments_[index]);
-  if (!recipe.ok()) return recipe.status().WithContext(context);
-  if (recipe->length != length)
-    return Status::Corruption(context + ": recipe " + SegmentRecipeKey(recipe->id) + " covers " +
-                              std::to_string(recipe->length) + " bytes, expected " +
-                              std::to_string(length));
-  const auto& blocks = recipe->blocks;
+  const auto& blocks = recipe.blocks;
+  // Copies the part of a block at `pos` that lies in [begin, end).
+  auto copy_overlap = [&](uint32_t pos, const uint8_t* src, uint32_t len) {
+    const uint32_t b = std::max(pos, begin), e = std::min(pos + len, end);
+    if (b < e) std::memcpy(out + (b - begin), src + (b - pos), e - b);
+  };
   std::string run_bytes, plain;
   uint32_t pos = 0;
   size_t i = 0;
-  while (i < blocks.size()) {
+  while (i < blocks.size() && pos < end) {
     const BlockRef& b = blocks[i];
-    if (b.kind == BlockKind::kZero) {
-      std::memset(buf + pos, 0, b.length);
+    if (pos + b.length <= begin) {  // before the range
       pos += b.length;
       i++;
       continue;
     }
-    // Coalesce the following blocks stored back to back in the same object.
+    if (b.kind == BlockKind::kZero) {
+      const uint32_t zb = std::max(pos, begin), ze = std::min(pos + b.length, end);
+      std::memset(out + (zb - begin), 0, ze - zb);
+      pos += b.length;
+      i++;
+      continue;
+    }
+    // Coalesce the following blocks of the range stored back to back in the
+    // same object.
     size_t j = i + 1;
-    uint64_t end = static_cast<uint64_t>(b.offset) + b.record_len;
-    while (j < blocks.size() && blocks[j].kind == b.kind && blocks[j].container == b.container &&
-           blocks[j].offset == end && end - b.offset < (8u << 20)) {
-      end += blocks[j].record_len;
+    uint64_t obj_end = static_cast<uint64_t>(b.offset) + b.record_len;
+    uint32_t run_pos = pos + b.length;
+    while (j < blocks.size() && run_pos < end && blocks[j].kind == b.kind &&
+           blocks[j].container == b.container && blocks[j].offset == obj_end &&
+           obj_end - b.offset < (8u << 20)) {
+      obj_end += blocks[j].record_len;
+      run_pos += blocks[j].length;
       j++;
     }
     const std::string object = BlockObjectName(vm_.vm(), b);
-    Status st = repo_.objects()->GetRange(object, b.offset, end - b.offset, &run_bytes);
+    Status st = repo_.objects()->GetRange(object, b.offset, obj_end - b.offset, &run_bytes);
     if (!st.ok()) return st.WithContext(context + ": read " + object);
     uint64_t rel = 0;
     for (size_t k = i; k < j; k++) {
@@ -75,7 +114,7 @@ Status SnapshotReader::ReadSegment(uint64_t index, uint8_t* buf, Sha256Hasher& h
           r.fingerprint)
         return Status::Corruption(context + ": " + what + ": content does not match fingerprint " +
                                   r.fingerprint.Hex());
-      std::memcpy(buf + pos, plain.data(), r.length);
+      copy_overlap(pos, reinterpret_cast<const uint8_t*>(plain.data()), r.length);
       if (data) {
         if (!data->empty() && data->back().second == pos)
           data->back().second = pos + r.length;

@@ -5,8 +5,9 @@
 // plaintext against the recipe's fingerprint, so a damaged byte is an error
 // naming the snapshot and the object, never wrong data.
 //
-// Thread model: after Open, ReadSegment may be called from many threads at
-// once (each with its own Sha256Hasher); the reader itself is immutable.
+// Thread model: after Open, ReadSegment, GetRecipe and ReadRange may be
+// called from many threads at once (each with its own Sha256Hasher); the
+// reader itself is immutable.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +38,23 @@ class SnapshotReader {
   Status ReadSegment(uint64_t index, uint8_t* buf, Sha256Hasher& hasher,
                      std::vector<std::pair<uint32_t, uint32_t>>* data) const;
 
+  // The recipe of segment `index` (not all zero), checked to cover exactly
+  // SegmentLength(index): for callers that read it in parts.
+  Result<SegmentRecipe> GetRecipe(uint64_t index) const;
+
+  // Fills out[0, end - begin) with the bytes [begin, end) of segment `index`
+  // whose recipe `recipe` GetRecipe returned, reading, verifying and
+  // decompressing only the blocks that overlap the range: a small random read
+  // costs one or two blocks, not the whole segment.
+  Status ReadRange(uint64_t index, const SegmentRecipe& recipe, uint32_t begin, uint32_t end,
+                   uint8_t* out, Sha256Hasher& hasher) const;
+
  private:
+  // ReadRange's work; `data` as in ReadSegment (for whole-segment reads).
+  Status DecodeRange(uint64_t index, const SegmentRecipe& recipe, uint32_t begin, uint32_t end,
+                     uint8_t* out, Sha256Hasher& hasher,
+                     std::vector<std::pair<uint32_t, uint32_t>>* data) const;
+
   SnapshotReader(Repository& repo, VmStore& vm, SnapshotRecord snap)
       : repo_(repo), vm_(vm), snap_(std::move(snap)) {}
   Repository& repo_;

@@ -101,10 +101,11 @@ void Cleanup() {
   if (g_export) {
     auto st = g_export->stats();
     nbdkit_debug("served %" PRIu64 " reads (%" PRIu64 " bytes, %" PRIu64
-                 " failed); decoded %" PRIu64 " segments; segment cache %" PRIu64 " hits, %" PRIu64
+                 " failed); decoded %" PRIu64 " segments and %" PRIu64
+                 " small reads block by block; segment cache %" PRIu64 " hits, %" PRIu64
                  " misses, %" PRIu64 " joined, %" PRIu64 " evictions",
-                 st.reads, st.read_bytes, st.read_errors, st.decoded_segments, st.segments.hits,
-                 st.segments.misses, st.segments.waits, st.segments.evictions);
+                 st.reads, st.read_bytes, st.read_errors, st.decoded_segments, st.range_reads,
+                 st.segments.hits, st.segments.misses, st.segments.waits, st.segments.evictions);
   }
   g_export.reset();
   g_cleaned_up = true;

@@ -10,6 +10,9 @@ namespace vmdedup {
 namespace {
 
 constexpr uint64_t kMinLayoutCacheBytes = 1u << 20;
+// Reads up to this size that do not continue the previous read decode only
+// the blocks they touch on a cache miss.
+constexpr uint64_t kRangeReadMax = 64u << 10;
 
 // Holds one of the decode slots for its lifetime.
 class SlotGuard {
@@ -63,7 +66,10 @@ SnapshotExport::SnapshotExport(std::unique_ptr<Repository> repo, std::unique_ptr
       vm_(std::move(vm)),
       segments_(options.cache_bytes, [](const Decoded& d) { return uint64_t{d.length}; }),
       layouts_(std::max<uint64_t>(kMinLayoutCacheBytes, options.cache_bytes / 64),
-               [](const Layout& l) { return 64 + 8 * uint64_t{l.data.size()}; }),
+               [](const Layout& l) {
+                 return 96 + 8 * uint64_t{l.data.size()} +
+                        sizeof(BlockRef) * uint64_t{l.recipe.blocks.size()};
+               }),
       readahead_(options.readahead) {
   decoders_ = options.decoders;
   if (decoders_ == 0) decoders_ = std::max(2u, std::thread::hardware_concurrency());
@@ -101,18 +107,10 @@ Result<std::unique_ptr<SnapshotExport>> SnapshotExport::Open(const std::string& 
 
 Result<std::shared_ptr<const SnapshotExport::Layout>> SnapshotExport::GetLayout(uint64_t index) {
   return layouts_.GetOrLoad(index, [&]() -> Result<std::shared_ptr<const Layout>> {
-    const std::string context =
-        "snapshot " + snapshot().Id() + ", segment " + std::to_string(index);
-    auto recipe = vm_->GetSegmentRecipe(segment_ids_[index]);
-    if (!recipe.ok()) return recipe.status().WithContext(context);
-    const uint32_t length = reader_->SegmentLength(index);
-    if (recipe->length != length)
-      return Status::Corruption(context + ": recipe " + SegmentRecipeKey(recipe->id) + " covers " +
-                                std::to_string(recipe->length) + " bytes, expected " +
-                                std::to_string(length));
+    ASSIGN_OR_RETURN(SegmentRecipe recipe, reader_->GetRecipe(index));
     auto layout = std::make_shared<Layout>();
     uint32_t pos = 0;
-    for (const BlockRef& b : recipe->blocks) {
+    for (const BlockRef& b : recipe.blocks) {
       if (b.kind != BlockKind::kZero) {
         if (!layout->data.empty() && layout->data.back().second == pos)
           layout->data.back().second = pos + b.length;
@@ -121,6 +119,7 @@ Result<std::shared_ptr<const SnapshotExport::Layout>> SnapshotExport::GetLayout(
       }
       pos += b.length;
     }
+    layout->recipe = std::move(recipe);
     return std::shared_ptr<const Layout>(std::move(layout));
   });
 }
@@ -152,6 +151,11 @@ Status SnapshotExport::Read(uint8_t* buf, uint64_t count, uint64_t offset) {
                                    snapshot().Id() + " (" + std::to_string(size()) + " bytes)");
   }
   const uint64_t seg_size = snapshot().segment_size;
+  // A small read that does not continue the previous one decodes only its
+  // blocks on a miss; sequential and large reads decode (and cache) whole
+  // segments, which read-ahead then keeps ahead of the reader.
+  const bool small_random = count <= kRangeReadMax && last_read_end_.load() != offset;
+  last_read_end_.store(offset + count);
   while (count > 0) {
     const uint64_t index = offset / seg_size;
     const uint32_t in = static_cast<uint32_t>(offset % seg_size);
@@ -174,6 +178,14 @@ Status SnapshotExport::Read(uint8_t* buf, uint64_t count, uint64_t offset) {
       for (const auto& [b, e] : (*layout)->data) has_data |= b < in + n && e > in;
       if (!has_data) {
         std::memset(buf, 0, n);
+      } else if (small_random) {
+        thread_local Sha256Hasher hasher;
+        Status st = reader_->ReadRange(index, (*layout)->recipe, in, in + n, buf, hasher);
+        range_reads_++;
+        if (!st.ok()) {
+          read_errors_++;
+          return st;
+        }
       } else {
         auto seg = GetSegment(index);
         if (!seg.ok()) {
@@ -285,6 +297,7 @@ ExportStats SnapshotExport::stats() const {
   s.read_errors = read_errors_.load();
   s.decoded_segments = decoded_.load();
   s.readahead_segments = ra_decoded_.load();
+  s.range_reads = range_reads_.load();
   s.segments = segments_.stats();
   s.layouts = layouts_.stats();
   return s;

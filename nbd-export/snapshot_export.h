@@ -64,6 +64,7 @@ struct ExportStats {
   uint64_t read_errors = 0;
   uint64_t decoded_segments = 0;
   uint64_t readahead_segments = 0;  // decoded by read-ahead
+  uint64_t range_reads = 0;         // small random reads served by decoding only their blocks
   LruCacheStats segments;           // decoded-segment cache
   LruCacheStats layouts;            // zero/data layout cache
 };
@@ -105,9 +106,11 @@ class SnapshotExport {
     std::shared_ptr<BufferPool> pool;  // gets `bytes` back
     ~Decoded();
   };
-  // Data (non-zero) ranges of a segment, relative to its start, sorted.
+  // Data (non-zero) ranges of a segment, relative to its start, sorted, and
+  // its recipe (for reads of a few blocks).
   struct Layout {
     std::vector<std::pair<uint32_t, uint32_t>> data;
+    SegmentRecipe recipe;
   };
 
   SnapshotExport(std::unique_ptr<Repository> repo, std::unique_ptr<VmStore> vm,
@@ -133,7 +136,10 @@ class SnapshotExport {
   std::deque<uint64_t> ra_queue_;
   std::thread ra_thread_;  // started at the first read-ahead (after nbdkit forked)
   bool ra_stop_ = false;
-  std::atomic<uint64_t> reads_{0}, read_bytes_{0}, read_errors_{0}, decoded_{0}, ra_decoded_{0};
+  std::atomic<uint64_t> reads_{0}, read_bytes_{0}, read_errors_{0}, decoded_{0}, ra_decoded_{0},
+      range_reads_{0};
+  // Where the latest read ended: a read starting there is sequential.
+  std::atomic<uint64_t> last_read_end_{UINT64_MAX};
 };
 
 }  // namespace vmdedup

@@ -522,7 +522,7 @@ TEST_F(ServeTest, LatestOnAGivenSocketAndSigint) {
   EXPECT_NE(lstat(socket.c_str(), &sb), 0);
 }
 
-TEST_F(ServeTest, DamagedContainerFailsOnlyItsSegmentWithEio) {
+TEST_F(ServeTest, DamagedContainerFailsOnlyItsBlocksWithEio) {
   std::string repo = dir_.Sub("repo");
   MustRun({"cp", "-a", w().repo, repo});
   // The first container written (by snapshot 1), and its first record.
@@ -559,6 +559,17 @@ TEST_F(ServeTest, DamagedContainerFailsOnlyItsSegmentWithEio) {
   auto qemu_io = [&](const std::string& cmd) {
     return RunCommand({"qemu-io", "-r", "-f", "raw", "-c", cmd, server.uri()});
   };
+  // The block next to it, in the same segment, still reads, with the right
+  // content: a small read decodes only the blocks it touches.
+  const uint64_t neighbour = damaged % (2 * kMiB) >= 4096 ? damaged - 4096 : damaged + 4096;
+  auto near = qemu_io("read -v " + std::to_string(neighbour) + " 16");
+  EXPECT_NE(near.out.find("read 16/16 bytes"), std::string::npos) << near.out << near.err;
+  char near_dump[32];
+  std::snprintf(near_dump, sizeof(near_dump), "%08llx:  %02x %02x",
+                static_cast<unsigned long long>(neighbour),
+                static_cast<unsigned char>(image[neighbour]),
+                static_cast<unsigned char>(image[neighbour + 1]));
+  EXPECT_NE(near.out.find(near_dump), std::string::npos) << near.out;
   // The damaged range: EIO.
   auto bad = qemu_io("read " + std::to_string(damaged) + " 4096");
   EXPECT_NE(bad.out.find("Input/output error"), std::string::npos) << bad.out << bad.err;
@@ -790,6 +801,34 @@ TEST_F(ServeTest, SnapshotWithCdsReferences) {
 }
 
 // In-process: the export under many threads, with a cache of two segments.
+TEST_F(ServeTest, SmallRandomReadsDecodeOnlyTheirBlocksAndSequentialReadsWholeSegments) {
+  auto e = SnapshotExport::Open(w().repo, "vm1/vda/1", ExportOptions{});
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  SnapshotExport& ex = **e;
+  const std::string image = ReadFileBytes(w().snap1_raw);
+  std::mt19937_64 rng(5);
+  std::vector<uint8_t> buf(64 * kKiB);
+  int mismatches = 0;
+  for (int i = 0; i < 200; i++) {
+    // Unaligned reads of 1 byte to 64 KiB inside the random data (first 24
+    // MiB), never continuing the previous one.
+    uint64_t len = 1 + rng() % buf.size();
+    uint64_t off = (rng() % (24 * kMiB - len)) | 1;
+    ASSERT_TRUE(ex.Read(buf.data(), len, off).ok()) << off;
+    if (std::memcmp(buf.data(), image.data() + off, len) != 0) mismatches++;
+  }
+  EXPECT_EQ(mismatches, 0);
+  ExportStats st = ex.stats();
+  EXPECT_GE(st.range_reads, 150u);  // the rest fell into the hole or the zeros
+  EXPECT_EQ(st.decoded_segments, 0u);
+  // A sequential reader: its reads after the first decode whole segments.
+  for (uint64_t off = 4 * kMiB; off < 4 * kMiB + 4 * buf.size(); off += buf.size()) {
+    ASSERT_TRUE(ex.Read(buf.data(), buf.size(), off).ok());
+    EXPECT_EQ(std::memcmp(buf.data(), image.data() + off, buf.size()), 0) << off;
+  }
+  EXPECT_GE(ex.stats().decoded_segments, 1u);
+}
+
 TEST_F(ServeTest, SnapshotExportParallelReadsWithinTheCacheBudget) {
   ExportOptions options;
   options.cache_bytes = 4 * kMiB;
