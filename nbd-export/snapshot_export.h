@@ -5,9 +5,12 @@
 // restore uses: every block record's checksum is verified and its plaintext
 // re-hashed against the recipe's fingerprint, so a damaged byte fails the
 // read with Corruption naming the snapshot and the object, never wrong data.
-// A segment is decoded whole and kept in an LRU cache of decoded segments
-// bounded by `cache_bytes`; a damaged block fails reads of its whole segment
-// (default 2 MiB), other segments stay readable.
+// Sequential and large reads decode a segment whole and keep it in an LRU
+// cache of decoded segments bounded by `cache_bytes`; a small read (up to
+// 64 KiB) that does not continue the previous read decodes, on a miss, only
+// the blocks it touches (SnapshotReader::ReadRange) and caches nothing. A
+// damaged block fails whole-segment reads of its segment and the small reads
+// that touch it; other data stays readable.
 //
 // Extents come from the recipes without reading data: an all-zero segment
 // (segment id 0) and the zero blocks of a segment are zero (hole|zero), all
