@@ -124,7 +124,8 @@ Result<std::shared_ptr<const SnapshotExport::Layout>> SnapshotExport::GetLayout(
   });
 }
 
-Result<std::shared_ptr<const SnapshotExport::Decoded>> SnapshotExport::GetSegment(uint64_t index) {
+Result<std::shared_ptr<const SnapshotExport::Decoded>> SnapshotExport::GetSegment(
+    uint64_t index, const Layout& layout) {
   return segments_.GetOrLoad(index, [&]() -> Result<std::shared_ptr<const Decoded>> {
     thread_local Sha256Hasher hasher;
     auto d = std::make_shared<Decoded>();
@@ -134,7 +135,8 @@ Result<std::shared_ptr<const SnapshotExport::Decoded>> SnapshotExport::GetSegmen
     Status st;
     {
       SlotGuard slot(*decode_slots_);
-      st = reader_->ReadSegment(index, d->bytes.get(), hasher, nullptr);
+      // The layout holds the recipe: no second metadata read.
+      st = reader_->ReadRange(index, layout.recipe, 0, d->length, d->bytes.get(), hasher);
     }
     decoded_++;
     if (!st.ok()) return st;
@@ -187,7 +189,7 @@ Status SnapshotExport::Read(uint8_t* buf, uint64_t count, uint64_t offset) {
           return st;
         }
       } else {
-        auto seg = GetSegment(index);
+        auto seg = GetSegment(index, **layout);
         if (!seg.ok()) {
           read_errors_++;
           return seg.status();
@@ -237,7 +239,7 @@ void SnapshotExport::ReadAheadWorker() {
     auto layout = GetLayout(index);
     if (!layout.ok() || (*layout)->data.empty()) continue;
     // Errors are not cached: the client's own read reports them.
-    if (GetSegment(index).ok()) ra_decoded_++;
+    if (GetSegment(index, **layout).ok()) ra_decoded_++;
   }
 }
 

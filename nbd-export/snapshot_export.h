@@ -119,7 +119,8 @@ class SnapshotExport {
   SnapshotExport(std::unique_ptr<Repository> repo, std::unique_ptr<VmStore> vm,
                  const ExportOptions& options);
   Result<std::shared_ptr<const Layout>> GetLayout(uint64_t index);
-  Result<std::shared_ptr<const Decoded>> GetSegment(uint64_t index);
+  // Decodes segment `index` whole (cached), from the recipe in its layout.
+  Result<std::shared_ptr<const Decoded>> GetSegment(uint64_t index, const Layout& layout);
   // Queues segments after `index` for read-ahead.
   void ReadAhead(uint64_t index);
   void ReadAheadWorker();

@@ -12,7 +12,6 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -132,18 +131,7 @@ class Guest {
           {"-chardev", "socket,path=" + QgaSocket() + ",server=on,wait=off,id=qga0", "-device",
            "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"});
     }
-    pid_ = fork();
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives an aborted test
-      int log = ::open(dir_.Sub("qemu.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-      dup2(log, 1);
-      dup2(log, 2);
-      std::vector<char*> args;
-      for (auto& a : argv) args.push_back(a.data());
-      args.push_back(nullptr);
-      execvp(args[0], args.data());
-      _exit(127);
-    }
+    pid_ = SpawnLogged(argv, dir_.Sub("qemu.log"));
     for (int i = 0; i < 400 && !qmp_; i++) {
       auto q = QmpClient::Connect(dir_.Sub("test.qmp"), 5000);
       if (q.ok())

@@ -9,10 +9,8 @@
 // two instants does not. The test checks that of two live backups (full,
 // then incremental), that the guest's writer kept going during each, and
 // that the incremental read only the dirty extents.
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -212,18 +210,7 @@ class LiveLinuxGuestTest : public ::testing::Test {
         "driver=qcow2,node-name=fmt-vda,file.driver=file,file.filename=" + image_,
         "-device",
         "virtio-blk-pci,drive=fmt-vda,id=vda"};
-    qemu_ = fork();
-    if (qemu_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      int log = open(dir_.Sub("qemu.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
-      dup2(log, 1);
-      dup2(log, 2);
-      std::vector<char*> args;
-      for (auto& a : argv) args.push_back(a.data());
-      args.push_back(nullptr);
-      execvp(args[0], args.data());
-      _exit(127);
-    }
+    qemu_ = SpawnLogged(argv, dir_.Sub("qemu.log"));
   }
 
   // The writer's progress: the last "WROTE n" on the serial console.

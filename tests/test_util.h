@@ -34,6 +34,10 @@ struct CommandResult {
 CommandResult RunCommand(const std::vector<std::string>& argv);
 // Runs through /bin/sh -c.
 CommandResult RunShell(const std::string& script);
+// Starts argv[0] (searched in PATH) in the background, its stdout and stderr
+// appended to `log_path`; the child is killed when the test process dies.
+// Returns its pid (the caller kills and reaps it), or -1 when fork failed.
+int SpawnLogged(const std::vector<std::string>& argv, const std::string& log_path);
 
 // Hex SHA-256 of a whole file's content ("" when it cannot be read).
 std::string FileSha256(const std::string& path);
