@@ -21,8 +21,9 @@ logically full: it restores without any other snapshot.
 
 SOURCE is one of:
   file:PATH        a raw or qcow2 image that no process has open. vmdedup
-                   serves it with qemu-nbd for the backup. In a qcow2 image it
-                   keeps one persistent dirty bitmap per disk series (named
+                   reads a raw image itself and serves a qcow2 image with
+                   qemu-nbd for the backup. In a qcow2 image it keeps one
+                   persistent dirty bitmap per disk series (named
                    vmdedup.REPOID.VM.DISK.N) and rotates it at each backup, so
                    the next backup reads only what was written in between.
   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH

@@ -7,6 +7,7 @@
 #include "base/human_size.h"
 #include "dirty-bitmap/image_bitmaps.h"
 #include "nbd-client/block_source.h"
+#include "nbd-client/raw_file_source.h"
 
 namespace vmdedup {
 namespace {
@@ -168,7 +169,9 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
     } else {
       req.read_mode = "full: raw images have no dirty bitmap";
     }
-    auto opened = OpenImageFile(fo);
+    // A raw image is read directly (no qemu-nbd: nothing to translate);
+    // qcow2 goes through qemu-nbd, which also exports its bitmap.
+    auto opened = info.format == "raw" ? OpenRawFile(image_path) : OpenImageFile(fo);
     if (!opened.ok()) {
       if (plan) RollBackImageBitmaps(image_path, *plan, o);
       return opened.status();

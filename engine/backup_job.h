@@ -3,13 +3,14 @@
 // dirty bitmap and a full read (and says why in one line), runs the pipeline,
 // and afterwards rotates the bitmap.
 //
-// Sources: "file:PATH" (raw or qcow2 image, served by a qemu-nbd started for
-// the backup) and NBD URIs ("nbd://", "nbd+unix://"). For qcow2 images
-// vmdedup keeps one persistent bitmap per disk series, named
-// "vmdedup.REPOID.VM.DISK.SEQ" so that it never clashes with another tool's
-// or another repository's. The rotation keeps this invariant: after any
-// crash or failure, the bitmap named in the latest snapshot, merged with any
-// newer vmdedup bitmap of the series, holds every write since that snapshot.
+// Sources: "file:PATH" (a raw image, read directly; a qcow2 image, served
+// by a qemu-nbd started for the backup) and NBD URIs ("nbd://",
+// "nbd+unix://"). For qcow2 images vmdedup keeps one persistent bitmap per
+// disk series, named "vmdedup.REPOID.VM.DISK.SEQ" so that it never clashes
+// with another tool's or another repository's. The rotation keeps this
+// invariant: after any crash or failure, the bitmap named in the latest
+// snapshot, merged with any newer vmdedup bitmap of the series, holds every
+// write since that snapshot.
 //
 // Thread model: one call at a time per VM (the VM lock enforces it).
 #pragma once

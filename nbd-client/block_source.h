@@ -1,23 +1,27 @@
-// BlockSource: where a backup reads a virtual disk from. Everything arrives
-// over NBD through libnbd: an NBD URI, or an image file served by a qemu-nbd
-// that the source starts (systemd socket activation) and stops.
+// BlockSource: where a backup reads a virtual disk from. Two kinds:
+//   - over NBD through libnbd: an NBD URI, or an image file served by a
+//     qemu-nbd that the source starts (systemd socket activation) and stops
+//     (this file, nbd-client/nbd_block_source.cc);
+//   - a raw image file read directly with pread, no subprocess
+//     (raw_file_source.h); the backup job uses it for raw file: sources and
+//     qemu-nbd for qcow2.
 //
 // A source answers three questions: the allocation map (NBD base:allocation:
 // data, zero, hole), the dirty map (qemu:dirty-bitmap:NAME, when a bitmap was
-// requested and the server offers it), and the bytes (many reads in flight).
+// requested and the server offers it), and the bytes.
 //
-// Implementation: nbd-client/nbd_block_source.cc, one libnbd handle (one
-// connection) per source. A source owns its handle and, for an image file,
-// the qemu-nbd process libnbd started for it.
+// NBD implementation: one libnbd handle (one connection) per source. A
+// source owns its handle and, for an image file, the qemu-nbd process libnbd
+// started for it.
 //
-// Thread model: one thread uses a source at a time; ReadMany keeps many
-// requests in flight on its own (libnbd aio, no extra threads). Destruction
-// disconnects and stops qemu-nbd.
+// Thread model: one thread uses a source at a time; an NBD source's ReadMany
+// keeps many requests in flight on its own (libnbd aio, no extra threads).
+// Destruction disconnects and stops qemu-nbd.
 //
-// Failures: a connection that breaks (server killed, socket reset) or stays
-// silent for io_timeout_seconds fails the call in progress with IOError and
-// is closed; every later call fails with IOError too. No call returns while
-// the server may still write into a caller's buffer.
+// Failures of NBD sources: a connection that breaks (server killed, socket
+// reset) or stays silent for io_timeout_seconds fails the call in progress
+// with IOError and is closed; every later call fails with IOError too. No
+// call returns while the server may still write into a caller's buffer.
 #pragma once
 
 #include <cstdint>
@@ -64,11 +68,12 @@ class BlockSource {
   // Like Allocation for the dirty bitmap (flags kDirty or 0; a range the
   // server leaves unanswered counts as dirty). NotSupported without one.
   virtual Status Dirty(uint64_t offset, uint64_t length, std::vector<Extent>* out) = 0;
-  // Reads every request (each fully) with many in flight, split into pieces
-  // of at most 4 MiB (or the server's maximum); any failure fails the whole
-  // call with IOError naming the offset. InvalidArgument for a request
-  // beyond size(), over 32 MiB or without a buffer. After a failure the
-  // buffers' contents are undefined (libnbd does not pre-zero them).
+  // Reads every request (each fully); an NBD source keeps many in flight,
+  // split into pieces of at most 256 KiB (or the server's maximum). Any
+  // failure fails the whole call with IOError naming the offset.
+  // InvalidArgument for a request beyond size(), over 32 MiB or without a
+  // buffer. After a failure the buffers' contents are undefined (libnbd does
+  // not pre-zero them).
   virtual Status ReadMany(std::span<const ReadRequest> requests) = 0;
   // "nbd+unix:///?socket=..." or "file:/path/disk.qcow2 (qcow2)", for messages.
   virtual std::string Describe() const = 0;
