@@ -105,16 +105,25 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
       std::string_view record(run_bytes.data() + rel, r.record_len);
       rel += r.record_len;
       std::string what = object + " at offset " + std::to_string(r.offset);
-      st = DecodeBlockRecord(record, &r.fingerprint, &plain, what);
-      if (!st.ok()) return st.WithContext(context);
-      if (plain.size() != r.length)
-        return Status::Corruption(context + ": " + what + " holds " + std::to_string(plain.size()) +
+      // A block wholly inside the range decodes straight into `out`; one
+      // the range cuts goes through `plain`.
+      const bool whole = pos >= begin && pos + r.length <= end;
+      std::span<uint8_t> dst;
+      if (whole) {
+        dst = {out + (pos - begin), r.length};
+        st = DecodeBlockRecordInto(record, &r.fingerprint, dst, what);
+      } else {
+        st = DecodeBlockRecord(record, &r.fingerprint, &plain, what);
+        if (st.ok() && plain.size() != r.length)
+          st = Status::Corruption(what + " holds " + std::to_string(plain.size()) +
                                   " bytes, the recipe expects " + std::to_string(r.length));
-      if (hasher.Hash({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) !=
-          r.fingerprint)
+        dst = {reinterpret_cast<uint8_t*>(plain.data()), plain.size()};
+      }
+      if (!st.ok()) return st.WithContext(context);
+      if (hasher.Hash(dst) != r.fingerprint)
         return Status::Corruption(context + ": " + what + ": content does not match fingerprint " +
                                   r.fingerprint.Hex());
-      copy_overlap(pos, reinterpret_cast<const uint8_t*>(plain.data()), r.length);
+      if (!whole) copy_overlap(pos, dst.data(), r.length);
       if (data) {
         if (!data->empty() && data->back().second == pos)
           data->back().second = pos + r.length;

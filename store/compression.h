@@ -48,5 +48,9 @@ class Compressor {
 // mismatch or zstd error is Corruption naming `what`.
 Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
                   std::string* out, const std::string& what);
+// The same into `out`, which holds exactly the plaintext's length: no
+// intermediate copy (a reader decoding straight into its output buffer).
+Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span<uint8_t> out,
+                      const std::string& what);
 
 }  // namespace vmdedup

@@ -208,6 +208,23 @@ Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
   return Decompress(static_cast<Compression>(h.compression), payload, h.raw_len, plaintext, what);
 }
 
+Status DecodeBlockRecordInto(std::string_view record, const Fingerprint* expected,
+                             std::span<uint8_t> out, const std::string& what) {
+  std::string prefix = what + ": ";
+  RecordHeader h;
+  RETURN_IF_ERROR(CheckRecord(record, prefix, &h));
+  if (expected != nullptr && h.fingerprint != *expected) {
+    return Status::Corruption(prefix + "block record holds fingerprint " + h.fingerprint.Hex() +
+                              ", expected " + expected->Hex());
+  }
+  if (h.raw_len != out.size()) {
+    return Status::Corruption(prefix + "block record holds " + std::to_string(h.raw_len) +
+                              " bytes, expected " + std::to_string(out.size()));
+  }
+  std::span<const uint8_t> payload(U8(record) + kBlockRecordHeaderSize, h.payload_len);
+  return DecompressInto(static_cast<Compression>(h.compression), payload, out, what);
+}
+
 Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
                               const std::string& what) {
   if (record.size() < kBlockRecordHeaderSize) {

@@ -77,6 +77,10 @@ class ContainerWriter {
 // Does not re-hash the plaintext (see check --read-data).
 Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
                          std::string* plaintext, const std::string& what);
+// The same, decompressing straight into `out`, which must hold exactly the
+// record's plaintext length (a different raw_len is Corruption).
+Status DecodeBlockRecordInto(std::string_view record, const Fingerprint* expected,
+                             std::span<uint8_t> out, const std::string& what);
 // Parses only a record's header (checksum of the header is verified together
 // with the payload, so this is for listing, not trusting). Checks the fields'
 // bounds; `info->offset` is left 0 (unknown here).

@@ -304,6 +304,34 @@ TEST(ContainerTest, EveryChangeAndTruncationOfARecordIsCorruption) {
   }
 }
 
+// DecodeBlockRecordInto (a reader decoding straight into its output): the
+// same bytes as DecodeBlockRecord, Corruption for a damaged record or an
+// output of the wrong size.
+TEST(ContainerTest, DecodeIntoMatchesDecodeAndChecksTheOutputSize) {
+  SmallContainer c = MakeSmallContainer();
+  for (const Block& b : c.blocks) {
+    std::string record = c.bytes.substr(b.info.offset, b.info.record_len);
+    std::vector<uint8_t> out(b.plaintext.size() + 1, 0xee);
+    std::span<uint8_t> exact(out.data(), b.plaintext.size());
+    ASSERT_TRUE(DecodeBlockRecordInto(record, &b.info.fingerprint, exact, "t").ok());
+    EXPECT_EQ(std::string(out.begin(), out.end() - 1), b.plaintext);
+    EXPECT_EQ(out.back(), 0xee) << "wrote past the output";
+    Status longer = DecodeBlockRecordInto(record, nullptr, out, "container t");
+    EXPECT_TRUE(longer.IsCorruption());
+    EXPECT_NE(longer.message().find("container t"), std::string::npos);
+    if (!b.plaintext.empty()) {
+      EXPECT_TRUE(DecodeBlockRecordInto(record, nullptr, exact.first(exact.size() - 1), "t")
+                      .IsCorruption());
+    }
+    for (size_t i = 0; i < record.size(); i++) {
+      std::string bad = record;
+      bad[i] = static_cast<char>(bad[i] ^ 0x10);
+      ASSERT_TRUE(DecodeBlockRecordInto(bad, &b.info.fingerprint, exact, "t").IsCorruption())
+          << "byte " << i;
+    }
+  }
+}
+
 TEST(ContainerTest, WrongExpectedFingerprintIsCorruption) {
   SmallContainer c = MakeSmallContainer();
   const Block& b = c.blocks[0];
