@@ -8,6 +8,9 @@
 //   snapshot=REF    VM/DISK/SEQ or VM/DISK/latest (the magic key: a bare
 //                   argument is the snapshot)
 //   cache=SIZE      memory for decoded segments (default 256M; 0: no cache)
+//   readahead=N     segments decoded ahead of a sequential reader (default 4)
+//   decoders=N      segments decoded at once, and read-ahead threads
+//                   (default: the number of cores, at least 2)
 //
 // The snapshot is opened in .get_ready (so errors reach the user before the
 // server listens) and reopened in .after_fork only when nbdkit forked.
@@ -24,6 +27,7 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -70,8 +74,18 @@ int Config(const char* key, const char* value) {
     int64_t v = nbdkit_parse_size(value);
     if (v < 0) return -1;  // nbdkit_parse_size reported it
     g_options.cache_bytes = static_cast<uint64_t>(v);
+  } else if (k == "readahead" || k == "decoders") {
+    char* end = nullptr;
+    errno = 0;
+    unsigned long v = std::strtoul(value, &end, 10);
+    if (errno != 0 || end == value || *end != '\0' || v > 64 || (k == "decoders" && v == 0)) {
+      nbdkit_error("%s=%s: expected a number from %d to 64", key, value, k == "decoders" ? 1 : 0);
+      return -1;
+    }
+    (k == "readahead" ? g_options.readahead : g_options.decoders) = static_cast<unsigned>(v);
   } else {
-    nbdkit_error("unknown parameter '%s' (expected repo=, snapshot=, cache=)", key);
+    nbdkit_error(
+        "unknown parameter '%s' (expected repo=, snapshot=, cache=, readahead=, decoders=)", key);
     return -1;
   }
   return 0;
@@ -178,7 +192,9 @@ struct nbdkit_plugin plugin = [] {
   p.config_help =
       "repo=PATH       (required) the vmdedup repository\n"
       "snapshot=REF    (required) VM/DISK/SEQ or VM/DISK/latest\n"
-      "cache=SIZE      memory for decoded segments (default 256M)";
+      "cache=SIZE      memory for decoded segments (default 256M)\n"
+      "readahead=N     segments decoded ahead of a sequential reader (default 4)\n"
+      "decoders=N      segments decoded at once (default: cores, at least 2)";
   p.magic_config_key = "snapshot";
   p.get_ready = GetReady;
   p.after_fork = AfterFork;

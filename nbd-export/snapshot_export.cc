@@ -82,7 +82,7 @@ SnapshotExport::~SnapshotExport() {
     ra_stop_ = true;
   }
   ra_cv_.notify_all();
-  if (ra_thread_.joinable()) ra_thread_.join();
+  for (std::thread& t : ra_threads_) t.join();
 }
 
 Result<std::unique_ptr<SnapshotExport>> SnapshotExport::Open(const std::string& repo_path,
@@ -220,7 +220,9 @@ void SnapshotExport::ReadAhead(uint64_t index) {
       if (std::find(ra_queue_.begin(), ra_queue_.end(), i) == ra_queue_.end())
         ra_queue_.push_back(i);
     }
-    if (!ra_thread_.joinable()) ra_thread_ = std::thread([this] { ReadAheadWorker(); });
+    if (ra_threads_.empty())
+      for (unsigned i = 0; i < decoders_; i++)
+        ra_threads_.emplace_back([this] { ReadAheadWorker(); });
   }
   ra_cv_.notify_one();
 }

@@ -18,8 +18,9 @@
 //
 // Read-ahead: a read of segment i while segment i-1 is cached (a sequential
 // reader: a copy, QEMU's block-stream) queues the decode of the next
-// `readahead` segments on a background thread, so that decoding overlaps
-// the sending of data. Random readers do not trigger it.
+// `readahead` segments on background threads (`decoders` of them), so that
+// decoding runs on every core and overlaps the sending of data. Random
+// readers do not trigger it.
 //
 // Memory: at most cache_bytes of decoded segments, plus one segment buffer
 // per decode in progress (at most `decoders` at a time), plus a pool of up
@@ -58,7 +59,7 @@ namespace vmdedup {
 struct ExportOptions {
   uint64_t cache_bytes = 256ull << 20;
   unsigned decoders = 0;   // segments decoded at once; 0: the number of cores (at least 2)
-  unsigned readahead = 2;  // segments decoded ahead of a sequential reader; 0: none
+  unsigned readahead = 4;  // segments decoded ahead of a sequential reader; 0: none
 };
 
 struct ExportStats {
@@ -138,7 +139,9 @@ class SnapshotExport {
   std::mutex ra_mu_;
   std::condition_variable ra_cv_;
   std::deque<uint64_t> ra_queue_;
-  std::thread ra_thread_;  // started at the first read-ahead (after nbdkit forked)
+  // Started at the first read-ahead (after nbdkit forked): one per decoder,
+  // so that a sequential reader's next segments decode on all cores.
+  std::vector<std::thread> ra_threads_;
   bool ra_stop_ = false;
   std::atomic<uint64_t> reads_{0}, read_bytes_{0}, read_errors_{0}, decoded_{0}, ra_decoded_{0},
       range_reads_{0};
