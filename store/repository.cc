@@ -119,6 +119,23 @@ std::string ReadLockHolder(const std::string& lock_path) {
   return pid.empty() ? "another process" : "process " + pid;
 }
 
+// Who holds a VM's metadata open when opening it failed Busy. A writer (a
+// backup) also holds the lock file and wrote its pid there; a reader (serve,
+// restore, check, snapshots) holds only the metadata, so the pid in the lock
+// file is the last writer's and means nothing then. `we_hold_lock`: the
+// caller is a writer that has just taken the lock file itself.
+std::string MetadataHolder(const std::string& lock_path, bool we_hold_lock) {
+  if (!we_hold_lock) {
+    int fd = ::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      const bool writer = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+      ::close(fd);
+      if (writer) return ReadLockHolder(lock_path) + " (a backup of it is running)";
+    }
+  }
+  return "another vmdedup process that reads it (a serve, restore or check)";
+}
+
 }  // namespace
 
 Status ValidateRepoConfig(const RepoConfig& c) {
@@ -236,8 +253,8 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   if (!meta.ok()) {
     if (lock_fd >= 0) ::close(lock_fd);
     if (meta.status().IsBusy())
-      return Status::Busy("VM '" + vm + "' is in use by " + ReadLockHolder(lock_path) +
-                          " (a backup of it is running); retry when it has finished");
+      return Status::Busy("VM '" + vm + "' is in use by " +
+                          MetadataHolder(lock_path, lock_fd >= 0) + "; retry when it has finished");
     return meta.status().WithContext("open metadata of VM '" + vm + "'");
   }
   std::unique_ptr<MetadataStore> store = std::move(meta).value();

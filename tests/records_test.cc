@@ -4,6 +4,7 @@
 #include "store/records.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
@@ -290,6 +291,36 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   auto vms = (*again)->ListVms();
   ASSERT_TRUE(vms.ok());
   EXPECT_EQ(*vms, std::vector<std::string>{"vm1"});
+}
+
+// Busy names who holds the VM: a backup (the lock file's pid) or a reader
+// such as serve (whose pid the lock file does not hold: it must not name
+// the last writer, nor the caller itself).
+TEST(RepositoryTest, BusyNamesAWriterOrAReader) {
+  testing::ScratchDir dir;
+  RepoConfig cfg;
+  auto repo = Repository::Create(dir.Sub("repo"), cfg);
+  ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+  const std::string self = "process " + std::to_string(getpid());
+  {
+    auto writer = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(writer.ok()) << writer.status().ToString();
+    auto reader = (*repo)->OpenVm("vm1", Repository::Access::kRead);
+    ASSERT_TRUE(reader.status().IsBusy()) << reader.status().ToString();
+    EXPECT_NE(reader.status().message().find(self + " (a backup of it is running)"),
+              std::string::npos)
+        << reader.status().ToString();
+  }
+  auto reader = (*repo)->OpenVm("vm1", Repository::Access::kRead);
+  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+  for (auto access : {Repository::Access::kWrite, Repository::Access::kRead}) {
+    auto other = (*repo)->OpenVm("vm1", access);
+    ASSERT_TRUE(other.status().IsBusy()) << other.status().ToString();
+    const std::string& m = other.status().message();
+    EXPECT_NE(m.find("a serve, restore or check"), std::string::npos) << m;
+    EXPECT_EQ(m.find("backup of it is running"), std::string::npos) << m;
+    EXPECT_EQ(m.find(self), std::string::npos) << m;
+  }
 }
 
 }  // namespace
