@@ -15,6 +15,7 @@
 #include "engine/chunker.h"
 #include "engine/thread_pool.h"
 #include "nbd-client/block_source.h"
+#include "nbd-client/raw_file_source.h"
 #include "store/cds_area.h"
 #include "store/compression.h"
 #include "store/container.h"
@@ -108,7 +109,8 @@ Result<std::unique_ptr<BlockSource>> OpenSeed(const std::string& seed) {
     ImageFileOptions fo;
     fo.path = path;
     fo.format = info.format;
-    return OpenImageFile(fo);
+    // As for backups: a raw seed is read directly, qcow2 through qemu-nbd.
+    return info.format == "raw" ? OpenRawFile(path) : OpenImageFile(fo);
   }
   if (IsNbdUri(seed)) {
     NbdUriOptions no;

@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -382,6 +383,31 @@ TEST_F(CdsBuilderTest, ChoosesExactlyTheSharedBlocksAndRebuildKeepsThem) {
   // The one of B is B's smallest fingerprint (ties go by fingerprint).
   auto first_b = *b.begin();
   EXPECT_TRUE(f4.count(first_b)) << first_b.Hex();
+}
+
+// A raw seed is read directly, as a raw backup source is: the same blocks as
+// the qcow2 seed, with qemu-nbd made to fail if anything starts it.
+TEST_F(CdsBuilderTest, RawSeedIsReadWithoutQemuNbd) {
+  MakeThreeVms();
+  std::string tmpl = MakeImage("template", 8 * kMiB, {kC, kD});
+  std::string raw = dir_.Sub("template-raw.img");
+  auto c = RunCommand({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", tmpl, raw});
+  ASSERT_EQ(c.exit_code, 0) << c.err;
+  std::string bin = dir_.Sub("bin");
+  ASSERT_EQ(mkdir(bin.c_str(), 0755), 0);
+  {
+    std::ofstream out(bin + "/qemu-nbd");
+    out << "#!/bin/sh\ntouch '" << dir_.Sub("qemu-nbd-ran") << "'\nexit 1\n";
+  }
+  ASSERT_EQ(chmod((bin + "/qemu-nbd").c_str(), 0755), 0);
+  auto r = RunShell("PATH='" + bin + "':\"$PATH\" '" + VmdedupBinary() + "' cds build -r '" +
+                    repo_ + "' --fraction 100 --seed 'file:" + raw + "' --json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(access(dir_.Sub("qemu-nbd-ran").c_str(), F_OK), 0) << "qemu-nbd was started";
+  auto v = nlohmann::json::parse(r.out);
+  EXPECT_EQ(v["seed_blocks"], 16);
+  EXPECT_EQ(v["blocks"], 40);
+  EXPECT_EQ(Fps(Entries(1)), Union({Blocks(kA), Blocks(kB), Blocks(kC), Blocks(kD)}));
 }
 
 TEST_F(CdsBuilderTest, SeedBlocksAreCandidatesEvenWithOneHolder) {
