@@ -71,7 +71,7 @@ Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span
         return Status::Corruption(what + ": stored block has " + std::to_string(payload.size()) +
                                   " bytes, expected " + std::to_string(raw_len));
       }
-      std::memcpy(out.data(), payload.data(), raw_len);
+      if (raw_len > 0) std::memcpy(out.data(), payload.data(), raw_len);  // data() may be null
       return Status::OK();
     case Compression::kZstd: {
       RETURN_IF_ERROR(CheckDeclaredSize(payload, raw_len, what));
