@@ -224,7 +224,7 @@ void SnapshotExport::ReadAhead(uint64_t index) {
       for (unsigned i = 0; i < decoders_; i++)
         ra_threads_.emplace_back([this] { ReadAheadWorker(); });
   }
-  ra_cv_.notify_one();
+  ra_cv_.notify_all();  // several segments may have been queued: wake every worker
 }
 
 void SnapshotExport::ReadAheadWorker() {
