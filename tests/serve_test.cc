@@ -742,6 +742,42 @@ TEST_F(ServeTest, BadUsageAndHelp) {
   EXPECT_EQ(ReadFileBytes(file), "keep");
 }
 
+// The plugin run by nbdkit by hand: its tuning keys are checked, and an
+// export with read-ahead off and one decoder, or with deep read-ahead, still
+// serves exact bytes.
+TEST_F(ServeTest, PluginKeysReadaheadAndDecoders) {
+  std::string env;
+#ifdef VMDEDUP_NBDKIT_PRELOAD
+  env = std::string("LD_PRELOAD=") + VMDEDUP_NBDKIT_PRELOAD + " ASAN_OPTIONS=detect_leaks=0 ";
+#endif
+  auto nbdkit_on = [&](const std::string& sock) {
+    return env + "nbdkit -f -U '" + sock + "' --readonly '" + VMDEDUP_NBDKIT_PLUGIN + "' repo='" +
+           w().repo + "' vm1/vda/1 ";
+  };
+  // A key wrongly accepted would leave the server running: bounded.
+  const std::string nbdkit = "timeout 60 env " + nbdkit_on(dir_.Sub("nbdkit.sock"));
+  for (const char* bad : {"decoders=0", "decoders=65", "readahead=x", "readahead=-1"}) {
+    auto r = RunShell(nbdkit + bad);
+    EXPECT_NE(r.exit_code, 0) << bad;
+    EXPECT_NE(r.err.find(std::string(bad) + ": expected a number"), std::string::npos)
+        << bad << ": " << r.err;
+  }
+  auto r = RunShell(nbdkit + "nosuchkey=1");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("readahead=, decoders="), std::string::npos) << r.err;
+  int n = 0;
+  for (const char* keys : {"readahead=0 decoders=1", "readahead=16 decoders=3"}) {
+    std::string out = dir_.Sub("copy" + std::to_string(n) + ".raw");
+    std::string sock = dir_.Sub("server" + std::to_string(n++) + ".sock");
+    // The server in the background (stopped by its pid), one copy through it.
+    r = RunShell(nbdkit_on(sock) + keys + " & p=$!; for i in $(seq 1 300); do [ -S '" + sock +
+                 "' ] && break; sleep 0.1; done; nbdcopy 'nbd+unix:///?socket=" + sock + "' '" +
+                 out + "'; rc=$?; kill $p; wait $p; exit $rc");
+    ASSERT_EQ(r.exit_code, 0) << keys << ": " << r.err;
+    EXPECT_EQ(FileSha256(out), w().snap1_sha) << keys;
+  }
+}
+
 // A CDS index over blocks the test stored in the CDS area itself.
 class TestCds final : public CommonBlockIndex {
  public:
