@@ -48,6 +48,11 @@ struct Extent {
   bool operator==(const Extent&) const = default;
 };
 
+// Appends [offset, offset+length) with `flags` to `out`, merging it into the
+// last extent when adjacent with the same flags; a zero length adds nothing.
+// For sources building their maps.
+void AppendExtent(std::vector<Extent>* out, uint64_t offset, uint64_t length, uint32_t flags);
+
 struct ReadRequest {
   uint64_t offset = 0;
   uint32_t length = 0;  // at most 32 MiB (QEMU's limit)

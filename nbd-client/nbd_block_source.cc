@@ -43,20 +43,6 @@ std::string LastNbdError() {
   return err != 0 ? std::strerror(err) : "unknown libnbd error";
 }
 
-// Appends [offset, offset+length) with `flags`, merging with the last extent
-// when it is adjacent and has the same flags.
-void AppendExtent(std::vector<Extent>* out, uint64_t offset, uint64_t length, uint32_t flags) {
-  if (length == 0) return;
-  if (!out->empty()) {
-    Extent& last = out->back();
-    if (last.flags == flags && last.offset + last.length == offset) {
-      last.length += length;
-      return;
-    }
-  }
-  out->push_back(Extent{offset, length, flags});
-}
-
 std::string Trim(const std::string& s) {
   std::string out;
   std::istringstream in(s);
@@ -583,6 +569,18 @@ Status WaitConnected(nbd_handle* h, unsigned timeout_seconds) {
 }
 
 }  // namespace
+
+void AppendExtent(std::vector<Extent>* out, uint64_t offset, uint64_t length, uint32_t flags) {
+  if (length == 0) return;
+  if (!out->empty()) {
+    Extent& last = out->back();
+    if (last.flags == flags && last.offset + last.length == offset) {
+      last.length += length;
+      return;
+    }
+  }
+  out->push_back(Extent{offset, length, flags});
+}
 
 bool IsNbdUri(std::string_view text) {
   for (std::string_view scheme :

@@ -29,20 +29,6 @@ constexpr int kPermResize = 3;          // BLK_PERM_RESIZE 0x8
 
 std::string Errno(int err) { return std::strerror(err); }
 
-// Appends [offset, offset+length) with `flags`, merging with the last extent
-// when it is adjacent and has the same flags.
-void AppendExtent(std::vector<Extent>* out, uint64_t offset, uint64_t length, uint32_t flags) {
-  if (length == 0) return;
-  if (!out->empty()) {
-    Extent& last = out->back();
-    if (last.flags == flags && last.offset + last.length == offset) {
-      last.length += length;
-      return;
-    }
-  }
-  out->push_back(Extent{offset, length, flags});
-}
-
 class RawFileSource final : public BlockSource {
  public:
   RawFileSource(int fd, std::string path, uint64_t file_size, bool regular)

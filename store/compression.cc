@@ -45,46 +45,25 @@ ZSTD_DCtx* ThreadDCtx() {
   return ctx.get();
 }
 
-// A zstd payload must be one frame declaring exactly raw_len bytes, checked
-// before anything is allocated or written for it.
-Status CheckDeclaredSize(std::span<const uint8_t> payload, size_t raw_len,
-                         const std::string& what) {
-  unsigned long long declared = ZSTD_getFrameContentSize(payload.data(), payload.size());
-  if (declared == ZSTD_CONTENTSIZE_ERROR || declared == ZSTD_CONTENTSIZE_UNKNOWN) {
-    return Status::Corruption(what + ": not a zstd frame with a content size");
-  }
-  if (declared != raw_len) {
-    return Status::Corruption(what + ": zstd frame declares " + std::to_string(declared) +
-                              " bytes, expected " + std::to_string(raw_len));
-  }
-  return Status::OK();
-}
-
-}  // namespace
-
-Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span<uint8_t> out,
-                      const std::string& what) {
-  const size_t raw_len = out.size();
+// The payload must hold exactly raw_len bytes: stored as is, or one zstd
+// frame declaring that size. Checked before anything is allocated or written.
+Status CheckPayloadSize(Compression c, std::span<const uint8_t> payload, size_t raw_len,
+                        const std::string& what) {
   switch (c) {
     case Compression::kNone:
       if (payload.size() != raw_len) {
         return Status::Corruption(what + ": stored block has " + std::to_string(payload.size()) +
                                   " bytes, expected " + std::to_string(raw_len));
       }
-      if (raw_len > 0) std::memcpy(out.data(), payload.data(), raw_len);  // data() may be null
       return Status::OK();
     case Compression::kZstd: {
-      RETURN_IF_ERROR(CheckDeclaredSize(payload, raw_len, what));
-      ZSTD_DCtx* ctx = ThreadDCtx();
-      if (ctx == nullptr) return Status::IOError(what + ": cannot allocate a zstd context");
-      // Capacity raw_len: a frame that would decompress to more fails.
-      size_t r = ZSTD_decompressDCtx(ctx, out.data(), raw_len, payload.data(), payload.size());
-      if (ZSTD_isError(r) || r != raw_len) {
-        return Status::Corruption(what + ": zstd: " +
-                                  (ZSTD_isError(r)
-                                       ? std::string(ZSTD_getErrorName(r))
-                                       : "decompressed " + std::to_string(r) + " bytes, expected " +
-                                             std::to_string(raw_len)));
+      unsigned long long declared = ZSTD_getFrameContentSize(payload.data(), payload.size());
+      if (declared == ZSTD_CONTENTSIZE_ERROR || declared == ZSTD_CONTENTSIZE_UNKNOWN) {
+        return Status::Corruption(what + ": not a zstd frame with a content size");
+      }
+      if (declared != raw_len) {
+        return Status::Corruption(what + ": zstd frame declares " + std::to_string(declared) +
+                                  " bytes, expected " + std::to_string(raw_len));
       }
       return Status::OK();
     }
@@ -93,12 +72,42 @@ Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span
                             std::to_string(static_cast<unsigned>(c)));
 }
 
+// Decodes a payload that CheckPayloadSize accepted for out.size() bytes.
+Status DecodeCheckedPayload(Compression c, std::span<const uint8_t> payload, std::span<uint8_t> out,
+                            const std::string& what) {
+  const size_t raw_len = out.size();
+  if (c == Compression::kNone) {
+    if (raw_len > 0) std::memcpy(out.data(), payload.data(), raw_len);  // data() may be null
+    return Status::OK();
+  }
+  ZSTD_DCtx* ctx = ThreadDCtx();
+  if (ctx == nullptr) return Status::IOError(what + ": cannot allocate a zstd context");
+  // Capacity raw_len: a frame that would decompress to more fails.
+  size_t r = ZSTD_decompressDCtx(ctx, out.data(), raw_len, payload.data(), payload.size());
+  if (ZSTD_isError(r) || r != raw_len) {
+    return Status::Corruption(what + ": zstd: " +
+                              (ZSTD_isError(r)
+                                   ? std::string(ZSTD_getErrorName(r))
+                                   : "decompressed " + std::to_string(r) + " bytes, expected " +
+                                         std::to_string(raw_len)));
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span<uint8_t> out,
+                      const std::string& what) {
+  RETURN_IF_ERROR(CheckPayloadSize(c, payload, out.size(), what));
+  return DecodeCheckedPayload(c, payload, out, what);
+}
+
 Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
                   std::string* out, const std::string& what) {
-  // A frame that declares another size fails before anything is allocated.
-  if (c == Compression::kZstd) RETURN_IF_ERROR(CheckDeclaredSize(payload, raw_len, what));
+  RETURN_IF_ERROR(CheckPayloadSize(c, payload, raw_len, what));
   out->resize(raw_len);
-  Status st = DecompressInto(c, payload, {reinterpret_cast<uint8_t*>(out->data()), raw_len}, what);
+  Status st =
+      DecodeCheckedPayload(c, payload, {reinterpret_cast<uint8_t*>(out->data()), raw_len}, what);
   if (!st.ok()) out->clear();
   return st;
 }

@@ -195,30 +195,36 @@ void ContainerWriter::Reset(uint64_t next_id) {
   buf_.append(reinterpret_cast<const char*>(h), sizeof(h));
 }
 
-Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
-                         std::string* plaintext, const std::string& what) {
-  std::string prefix = what + ": ";
-  RecordHeader h;
-  RETURN_IF_ERROR(CheckRecord(record, prefix, &h));
-  if (expected != nullptr && h.fingerprint != *expected) {
-    return Status::Corruption(prefix + "block record holds fingerprint " + h.fingerprint.Hex() +
+namespace {
+
+// A record's checksum and fields, and its fingerprint against `expected`
+// when given: what both decoders check before decompressing.
+Status CheckRecordFor(std::string_view record, const Fingerprint* expected,
+                      const std::string& prefix, RecordHeader* h) {
+  RETURN_IF_ERROR(CheckRecord(record, prefix, h));
+  if (expected != nullptr && h->fingerprint != *expected) {
+    return Status::Corruption(prefix + "block record holds fingerprint " + h->fingerprint.Hex() +
                               ", expected " + expected->Hex());
   }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
+                         std::string* plaintext, const std::string& what) {
+  RecordHeader h;
+  RETURN_IF_ERROR(CheckRecordFor(record, expected, what + ": ", &h));
   std::span<const uint8_t> payload(U8(record) + kBlockRecordHeaderSize, h.payload_len);
   return Decompress(static_cast<Compression>(h.compression), payload, h.raw_len, plaintext, what);
 }
 
 Status DecodeBlockRecordInto(std::string_view record, const Fingerprint* expected,
                              std::span<uint8_t> out, const std::string& what) {
-  std::string prefix = what + ": ";
   RecordHeader h;
-  RETURN_IF_ERROR(CheckRecord(record, prefix, &h));
-  if (expected != nullptr && h.fingerprint != *expected) {
-    return Status::Corruption(prefix + "block record holds fingerprint " + h.fingerprint.Hex() +
-                              ", expected " + expected->Hex());
-  }
+  RETURN_IF_ERROR(CheckRecordFor(record, expected, what + ": ", &h));
   if (h.raw_len != out.size()) {
-    return Status::Corruption(prefix + "block record holds " + std::to_string(h.raw_len) +
+    return Status::Corruption(what + ": block record holds " + std::to_string(h.raw_len) +
                               " bytes, expected " + std::to_string(out.size()));
   }
   std::span<const uint8_t> payload(U8(record) + kBlockRecordHeaderSize, h.payload_len);

@@ -436,7 +436,8 @@ TEST_F(RawFileSourceTest, WritableQemuProcessesMakeItBusy) {
   // A paused VM with the image as its disk. Wait until it holds its write
   // lock (as /proc/locks shows; opening a source meanwhile would keep the VM
   // from starting), then try once.
-  if (RunShell("command -v qemu-system-x86_64").exit_code != 0) GTEST_SKIP() << "no qemu-system";
+  ASSERT_EQ(RunShell("command -v qemu-system-x86_64 >/dev/null").exit_code, 0)
+      << "qemu-system-x86_64 is missing: scripts/setup.sh test installs it";
   Background vm({"qemu-system-x86_64", "-S", "-display", "none", "-machine", "accel=tcg", "-m",
                  "64", "-nodefaults", "-drive", "file=" + path + ",format=raw,if=virtio"},
                 dir_.Sub("vm.log"));
@@ -468,13 +469,11 @@ TEST_F(RawFileSourceTest, OpenSourceKeepsWritersOutButNotReaders) {
     auto nbd = OpenImageFile({.path = path, .format = "raw"});
     EXPECT_TRUE(nbd.ok()) << nbd.status().ToString();
     // A VM does not start on it (timeout: a VM that did would stay paused).
-    if (RunShell("command -v qemu-system-x86_64").exit_code == 0) {
-      auto vm = RunCommand({"timeout", "30", "qemu-system-x86_64", "-S", "-display", "none",
-                            "-machine", "accel=tcg", "-m", "64", "-nodefaults", "-drive",
-                            "file=" + path + ",format=raw,if=virtio"});
-      EXPECT_EQ(vm.exit_code, 1) << vm.err;
-      EXPECT_NE(vm.err.find("lock"), std::string::npos) << vm.err;
-    }
+    auto vm = RunCommand({"timeout", "30", "qemu-system-x86_64", "-S", "-display", "none",
+                          "-machine", "accel=tcg", "-m", "64", "-nodefaults", "-drive",
+                          "file=" + path + ",format=raw,if=virtio"});
+    EXPECT_EQ(vm.exit_code, 1) << vm.err;
+    EXPECT_NE(vm.err.find("lock"), std::string::npos) << vm.err;
   }
   // Closed: the locks are gone with the descriptor.
   auto w = RunCommand({"qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4k", path});
