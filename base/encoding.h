@@ -106,12 +106,17 @@ class ByteReader {
 };
 
 // Encodes little-endian into a raw buffer (for fixed-layout headers).
+inline void EncodeU16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v);
+  p[1] = static_cast<uint8_t>(v >> 8);
+}
 inline void EncodeU32(uint8_t* p, uint32_t v) {
   for (int i = 0; i < 4; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
 inline void EncodeU64(uint8_t* p, uint64_t v) {
   for (int i = 0; i < 8; i++) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
+inline uint16_t DecodeU16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 inline uint32_t DecodeU32(const uint8_t* p) {
   uint32_t v = 0;
   for (int i = 0; i < 4; i++) v |= static_cast<uint32_t>(p[i]) << (8 * i);

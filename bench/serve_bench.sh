@@ -15,6 +15,8 @@
 #               cmake -S . -B build-serve-rel -DCMAKE_BUILD_TYPE=Release -DVMDEDUP_TESTS=OFF
 #               cmake --build build-serve-rel --target vmdedup nbd_latency_bench)
 #   ROUNDS     repetitions of each timed step, the median is reported (default 3)
+# Environment: INIT_ARGS, options for `vmdedup init` of the benchmark repository
+#   (e.g. "--frame-size 0" for one zstd frame a block).
 # Scratch space: a directory under ${TMPDIR:-/var/tmp}, removed at the end.
 # Every server is started here and stopped by its pid.
 set -euo pipefail
@@ -50,7 +52,7 @@ echo "image: $image, $(mib "$size") MiB virtual, $(mib "$allocated") MiB allocat
 
 # The snapshot.
 repo=$work/repo
-"$vmdedup" init "$repo" >/dev/null
+"$vmdedup" init ${INIT_ARGS:-} "$repo" >/dev/null
 t0=$(now)
 "$vmdedup" backup -r "$repo" --vm bench --disk vda -q "file:$image" >/dev/null
 t1=$(now)

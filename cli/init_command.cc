@@ -24,6 +24,12 @@ Options:
                         fast levels (default 1: on 4 KiB blocks of Debian
                         guests it compresses 30% faster than level 3 and
                         stores 0.6% more; see docs/benchmarks.md)
+  --frame-size SIZE     the most new-block data compressed together as one zstd
+                        frame: 4K to 1M, or 0 for one frame a block (default
+                        64K: on a Debian guest 8% less stored and a third less
+                        compression CPU than one frame a block, while a random
+                        4 KiB read decompresses at most 64 KiB; see
+                        docs/benchmarks.md)
   --json                print the configuration as JSON
   -h, --help            this text
 
@@ -37,6 +43,7 @@ int InitCommand(int argc, char** argv) {
                           {{"segment-size", 0, true},
                            {"chunker", 0, true},
                            {"compression-level", 0, true},
+                           {"frame-size", 0, true},
                            {"json", 0, false},
                            {"help", 'h', false},
                            {"repo", 'r', true}});
@@ -73,6 +80,12 @@ int InitCommand(int argc, char** argv) {
       return ReportError(Status::InvalidArgument("--compression-level must be a number"));
     }
   }
+  if (auto f = args->Get("frame-size")) {
+    auto v = ParseSize(*f);
+    if (!v.ok()) return ReportError(v.status());
+    if (*v > (1ull << 31)) return ReportError(Status::InvalidArgument("frame size too large"));
+    cfg.frame_size = static_cast<uint32_t>(*v);
+  }
   auto repo = Repository::Create(path, cfg);
   if (!repo.ok()) return ReportError(repo.status());
   const RepoConfig& c = (*repo)->config();
@@ -82,12 +95,15 @@ int InitCommand(int argc, char** argv) {
                         {"format_version", c.format_version},
                         {"segment_size", c.segment_size},
                         {"chunker", ChunkerKindName(c.chunker.kind)},
-                        {"compression_level", c.compression_level}};
+                        {"compression_level", c.compression_level},
+                        {"frame_size", c.frame_size}};
     std::puts(j.dump().c_str());
   } else {
-    std::printf("created repository %s (id %s): %s segments, %s chunking, zstd level %d\n",
+    std::printf("created repository %s (id %s): %s segments, %s chunking, zstd level %d, %s\n",
                 path.c_str(), c.repo_id.c_str(), HumanSize(c.segment_size).c_str(),
-                ChunkerKindName(c.chunker.kind), c.compression_level);
+                ChunkerKindName(c.chunker.kind), c.compression_level,
+                c.frame_size == 0 ? "one frame a block"
+                                  : ("frames of up to " + HumanSize(c.frame_size)).c_str());
   }
   return kExitOk;
 }

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <deque>
 #include <future>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <unordered_map>
 
 #include "base/fingerprint.h"
@@ -20,7 +23,7 @@ namespace {
 constexpr uint64_t kWindowSegments = 64;       // extents are queried per window
 constexpr size_t kReadBatchBytes = 16u << 20;  // reads issued together
 constexpr size_t kMaxPendingRecipes = 512;     // recipes waiting for a container seal
-// In-run index of the new blocks stored so far (about 72 bytes an entry).
+// In-run index of the new blocks stored so far (about 100 bytes an entry).
 constexpr size_t kMaxRunIndexEntries = 512u << 10;
 
 enum class Level { kZero, kSegment, kBlock, kCds, kNew };
@@ -29,11 +32,93 @@ enum class Level { kZero, kSegment, kBlock, kCds, kNew };
 struct Piece {
   BlockRef ref;
   Level level = Level::kZero;
+  // kBlock only: a block an earlier piece of this run stores; Commit takes
+  // its location from the run index.
+  bool in_run = false;
+  // kNew only: where the block lies in the job's read buffer.
+  uint32_t data_offset = 0;
+};
+
+// New blocks of one segment stored as one record: a block record (one
+// block) or a frame record (several, compressed together).
+struct Frame {
+  uint32_t first = 0;  // index in `members` of the job
+  uint32_t count = 0;
   Compression compression = Compression::kNone;
-  // kNew only, the bytes to store: compressed ones in the job's `compressed`
-  // arena, or (kNone) the block itself in the job's read buffer.
+  bool in_buffer = false;  // the payload is in the read buffer, else in `compressed`
   uint32_t payload_offset = 0;
   uint32_t payload_len = 0;
+};
+
+// The new blocks one run has stored (level 2 across segments), shared by the
+// workers and the committing thread. A worker that decides to store a block
+// claims its fingerprint with its segment's index; a later block with that
+// fingerprint (in that segment or a later one) is then referenced instead,
+// and Commit, which runs in segment order, finds where the claimed block went.
+// Two workers racing on one fingerprint may both store it (the earlier
+// segment's claim stands); nothing is ever referenced before it is stored.
+// Thread-safe; bounded to `max_entries` fingerprints (then nothing new is
+// claimed).
+class RunIndex {
+ public:
+  explicit RunIndex(size_t max_entries) : max_entries_(max_entries) {}
+  // True: a block with this fingerprint is stored by segment `job` or an
+  // earlier one (reference it). False: the caller stores it (and claims it
+  // when there is room).
+  bool ClaimOrFind(const Fingerprint& fp, uint64_t job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(fp);
+    if (it == entries_.end()) {
+      if (entries_.size() < max_entries_) entries_.emplace(fp, Entry{.job = job});
+      return false;
+    }
+    if (it->second.job <= job) return true;
+    it->second.job = job;  // a later segment got here first; this one stores it too
+    return false;
+  }
+  // Where the block went; the first stored copy wins.
+  void SetLocation(const BlockRef& where) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(where.fingerprint);
+    if (it != entries_.end() && !it->second.located) {
+      Entry& e = it->second;
+      e.located = true;
+      e.length = where.length;
+      e.container = where.container;
+      e.offset = where.offset;
+      e.record_len = where.record_len;
+      e.index = static_cast<uint16_t>(where.index);
+    }
+  }
+  std::optional<BlockRef> Location(const Fingerprint& fp) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(fp);
+    if (it == entries_.end() || !it->second.located) return std::nullopt;
+    const Entry& e = it->second;
+    BlockRef r;
+    r.kind = BlockKind::kOwn;
+    r.fingerprint = fp;
+    r.length = e.length;
+    r.container = e.container;
+    r.offset = e.offset;
+    r.record_len = e.record_len;
+    r.index = e.index;
+    return r;
+  }
+
+ private:
+  struct Entry {  // 32 bytes besides the key
+    uint64_t job = 0;
+    uint64_t container = 0;
+    uint32_t offset = 0;
+    uint32_t record_len = 0;
+    uint32_t length = 0;
+    uint16_t index = 0;
+    bool located = false;
+  };
+  const size_t max_entries_;
+  mutable std::mutex mu_;
+  std::unordered_map<Fingerprint, Entry, FingerprintHash> entries_;
 };
 
 // What a segment job must do, in offset order: keep a parent block, record a
@@ -57,8 +142,11 @@ struct SegmentJob {
   std::vector<uint8_t> buffer;
   uint64_t read_bytes = 0;
   std::vector<Piece> pieces;
-  // The compressed payloads of the job's new blocks, back to back. Each is
-  // smaller than its block, so read_bytes bounds the whole; reserved once.
+  std::vector<uint32_t> members;  // indexes in `pieces` of the new blocks, frame by frame
+  std::vector<Frame> frames;
+  // The payloads of the job's frames that are not in the read buffer as they
+  // are, back to back. Each is at most its blocks' size, so read_bytes bounds
+  // the whole; reserved once.
   std::string compressed;
   Status status;
   bool submitted = false;
@@ -70,7 +158,7 @@ bool SameRef(const BlockRef& a, const BlockRef& b) {
   if (a.kind != b.kind || a.length != b.length) return false;
   if (a.kind == BlockKind::kZero) return true;
   return a.fingerprint == b.fingerprint && a.container == b.container && a.offset == b.offset &&
-         a.record_len == b.record_len;
+         a.record_len == b.record_len && a.index == b.index;
 }
 
 bool SameBlocks(const std::vector<BlockRef>& a, const std::vector<BlockRef>& b) {
@@ -98,7 +186,8 @@ bool IsZeroExtent(const Extent& e) { return (e.flags & (Extent::kHole | Extent::
 struct WorkerState {
   Sha256Hasher hasher;
   std::unique_ptr<Compressor> compressor;
-  int level = 0;  // 0 is no zstd level vmdedup accepts: "not set up yet"
+  int level = 0;                // 0 is no zstd level vmdedup accepts: "not set up yet"
+  std::vector<uint8_t> gather;  // a frame's blocks, when not adjacent in the buffer
 };
 
 class BackupRun {
@@ -109,6 +198,7 @@ class BackupRun {
         req_(req),
         cfg_(repo.config()),
         writer_(0, cfg_.container_capacity),
+        run_index_(kMaxRunIndexEntries),
         pool_(std::max(1u, req.threads)) {}
 
   Result<SnapshotRecord> Run();
@@ -118,9 +208,10 @@ class BackupRun {
   Status PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc,
                      const std::vector<Extent>* dirty);
   void Process(SegmentJob& job);
+  void MakeFrames(SegmentJob& job, WorkerState& ws);
   Status Commit(SegmentJob& job);
   Status FlushReads();
-  Status AppendNew(Piece& p, std::span<const uint8_t> payload);
+  Status AppendFrame(SegmentJob& job, const Frame& f);
   Status Seal();
   Status WriteBatchCounted(WriteBatch& b, bool sync);
   void Report();
@@ -143,12 +234,7 @@ class BackupRun {
   uint64_t next_segment_id_ = 1;
   WriteBatch pending_;
   size_t pending_recipes_ = 0;
-  struct StoredAt {
-    uint64_t container;
-    uint32_t offset;
-    uint32_t record_len;
-  };
-  std::unordered_map<Fingerprint, StoredAt, FingerprintHash> run_index_;
+  RunIndex run_index_;
 
   std::deque<std::unique_ptr<SegmentJob>> queue_;
   // Recycled read buffers and compression arenas (main thread only): fresh
@@ -348,21 +434,79 @@ void BackupRun::Process(SegmentJob& job) {
         p.ref = *hit;
         p.level = Level::kCds;
       } else {
+        // The fingerprint covers the length: equal fingerprints mean equal
+        // blocks.
         p.ref.kind = BlockKind::kOwn;
         p.ref.fingerprint = fp;
-        p.level = Level::kNew;
-        Compressor::View out = ws.compressor->CompressView(block);
-        p.compression = out.compression;
-        p.payload_len = static_cast<uint32_t>(out.bytes.size());
-        if (out.compression == Compression::kNone) {
-          p.payload_offset = static_cast<uint32_t>(block.data() - job.buffer.data());
+        if (run_index_.ClaimOrFind(fp, job.index)) {
+          p.level = Level::kBlock;
+          p.in_run = true;
         } else {
-          p.payload_offset = static_cast<uint32_t>(job.compressed.size());
-          job.compressed.append(reinterpret_cast<const char*>(out.bytes.data()), out.bytes.size());
+          p.level = Level::kNew;
+          p.data_offset = static_cast<uint32_t>(block.data() - job.buffer.data());
         }
       }
       job.pieces.push_back(std::move(p));
     }
+  }
+  MakeFrames(job, ws);
+}
+
+// Groups the job's new blocks, in offset order, into frames of at most
+// frame_size bytes (one block a frame when frame_size is 0 or a block is that
+// big) and compresses each frame.
+void BackupRun::MakeFrames(SegmentJob& job, WorkerState& ws) {
+  const uint32_t frame_size = cfg_.frame_size;
+  const uint8_t* buf = job.buffer.data();
+  size_t i = 0;
+  const size_t n = job.pieces.size();
+  while (true) {
+    while (i < n && job.pieces[i].level != Level::kNew) i++;
+    if (i == n) break;
+    Frame f;
+    f.first = static_cast<uint32_t>(job.members.size());
+    uint64_t raw = 0;
+    bool adjacent = true;  // the blocks lie back to back in the buffer
+    for (; i < n; i++) {
+      const Piece& p = job.pieces[i];
+      if (p.level != Level::kNew) continue;
+      if (f.count > 0 && (f.count == kMaxFrameBlocks || raw + p.ref.length > frame_size)) break;
+      if (f.count > 0) {
+        const Piece& prev = job.pieces[job.members.back()];
+        adjacent = adjacent && prev.data_offset + prev.ref.length == p.data_offset;
+      }
+      job.members.push_back(static_cast<uint32_t>(i));
+      f.count++;
+      raw += p.ref.length;
+      if (raw >= frame_size) {  // also frame_size 0: one block a frame
+        i++;
+        break;
+      }
+    }
+    std::span<const uint8_t> plain;
+    if (adjacent) {
+      plain = {buf + job.pieces[job.members[f.first]].data_offset, raw};
+    } else {
+      ws.gather.resize(raw);
+      size_t at = 0;
+      for (uint32_t k = f.first; k < f.first + f.count; k++) {
+        const Piece& p = job.pieces[job.members[k]];
+        std::memcpy(ws.gather.data() + at, buf + p.data_offset, p.ref.length);
+        at += p.ref.length;
+      }
+      plain = {ws.gather.data(), raw};
+    }
+    Compressor::View out = ws.compressor->CompressView(plain);
+    f.compression = out.compression;
+    f.payload_len = static_cast<uint32_t>(out.bytes.size());
+    if (out.compression == Compression::kNone && adjacent) {
+      f.in_buffer = true;
+      f.payload_offset = static_cast<uint32_t>(plain.data() - buf);
+    } else {
+      f.payload_offset = static_cast<uint32_t>(job.compressed.size());
+      job.compressed.append(reinterpret_cast<const char*>(out.bytes.data()), out.bytes.size());
+    }
+    job.frames.push_back(f);
   }
 }
 
@@ -396,31 +540,42 @@ Status BackupRun::Seal() {
   return Status::OK();
 }
 
-Status BackupRun::AppendNew(Piece& p, std::span<const uint8_t> payload) {
-  // The fingerprint covers the length: equal fingerprints mean equal blocks.
-  if (auto it = run_index_.find(p.ref.fingerprint); it != run_index_.end()) {
-    p.ref.container = it->second.container;
-    p.ref.offset = it->second.offset;
-    p.ref.record_len = it->second.record_len;
-    p.level = Level::kBlock;
-    return Status::OK();
-  }
-  if (writer_has_id_ && !writer_.Fits(payload.size())) RETURN_IF_ERROR(Seal());
+Status BackupRun::AppendFrame(SegmentJob& job, const Frame& f) {
+  const uint8_t* base =
+      f.in_buffer ? job.buffer.data() : reinterpret_cast<const uint8_t*>(job.compressed.data());
+  std::span<const uint8_t> payload(base + f.payload_offset, f.payload_len);
+  auto fits = [&] {
+    return f.count == 1 ? writer_.Fits(payload.size()) : writer_.FitsFrame(f.count, payload.size());
+  };
+  if (writer_has_id_ && !fits()) RETURN_IF_ERROR(Seal());
   if (!writer_has_id_) {
     ASSIGN_OR_RETURN(uint64_t id, vm_.AllocateContainerId());
     writer_.Reset(id);
     writer_has_id_ = true;
   }
-  BlockRecordInfo info = writer_.Append(p.ref.fingerprint, p.ref.length, p.compression, payload);
-  p.ref.container = writer_.id();
-  p.ref.offset = info.offset;
-  p.ref.record_len = info.record_len;
-  snap_.stats.new_bytes += p.ref.length;
+  BlockRecordInfo info;
+  if (f.count == 1) {
+    const BlockRef& r = job.pieces[job.members[f.first]].ref;
+    info = writer_.Append(r.fingerprint, r.length, f.compression, payload);
+  } else {
+    std::vector<FrameBlock> blocks(f.count);
+    for (uint32_t k = 0; k < f.count; k++) {
+      const BlockRef& r = job.pieces[job.members[f.first + k]].ref;
+      blocks[k] = {r.fingerprint, r.length};
+    }
+    info = writer_.AppendFrame(blocks, f.compression, payload);
+  }
   snap_.stats.stored += info.record_len;
-  snap_.stats.new_blocks++;
-  if (run_index_.size() < kMaxRunIndexEntries)
-    run_index_.emplace(p.ref.fingerprint,
-                       StoredAt{p.ref.container, p.ref.offset, p.ref.record_len});
+  for (uint32_t k = 0; k < f.count; k++) {
+    BlockRef& r = job.pieces[job.members[f.first + k]].ref;
+    r.container = writer_.id();
+    r.offset = info.offset;
+    r.record_len = info.record_len;
+    r.index = k;
+    snap_.stats.new_bytes += r.length;
+    snap_.stats.new_blocks++;
+    run_index_.SetLocation(r);
+  }
   return Status::OK();
 }
 
@@ -438,11 +593,14 @@ Status BackupRun::Commit(SegmentJob& job) {
   RETURN_IF_ERROR(job.status);
   SegmentRecipe recipe;
   recipe.length = job.length;
-  const auto* arena = reinterpret_cast<const uint8_t*>(job.compressed.data());
+  for (const Frame& f : job.frames) RETURN_IF_ERROR(AppendFrame(job, f));
   for (Piece& p : job.pieces) {
-    if (p.level == Level::kNew) {
-      const uint8_t* base = p.compression == Compression::kNone ? job.buffer.data() : arena;
-      RETURN_IF_ERROR(AppendNew(p, {base + p.payload_offset, p.payload_len}));
+    if (p.in_run) {  // stored by this segment's frames or an earlier segment's
+      std::optional<BlockRef> where = run_index_.Location(p.ref.fingerprint);
+      if (!where)
+        return Status::Aborted("internal error: block " + p.ref.fingerprint.Hex() +
+                               " was claimed but never stored");
+      p.ref = *where;
     }
     switch (p.level) {
       case Level::kZero:
@@ -458,7 +616,7 @@ Status BackupRun::Commit(SegmentJob& job) {
         st.cds += p.ref.length;
         break;
       case Level::kNew:
-        break;  // counted by AppendNew
+        break;  // counted by AppendFrame
     }
     if (p.ref.kind == BlockKind::kZero && !recipe.blocks.empty() &&
         recipe.blocks.back().kind == BlockKind::kZero)
@@ -467,6 +625,8 @@ Status BackupRun::Commit(SegmentJob& job) {
       recipe.blocks.push_back(p.ref);
   }
   job.pieces.clear();
+  job.members.clear();
+  job.frames.clear();
   if (job.buffer.capacity() > 0) free_buffers_.push_back(std::move(job.buffer));
   if (job.read_bytes > 0) {
     job.compressed.clear();

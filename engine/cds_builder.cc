@@ -7,8 +7,10 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <thread>
+#include <tuple>
 
 #include "dirty-bitmap/image_bitmaps.h"
 #include "engine/block_scan.h"
@@ -231,6 +233,7 @@ struct Chosen {
   uint64_t container = 0;
   uint32_t offset = 0;
   uint32_t record_len = 0;
+  uint32_t index = 0;  // in a frame record
 };
 
 struct CountedVm {
@@ -598,6 +601,7 @@ Status CdsBuild::Locate() {
         c->container = e.container;
         c->offset = e.offset;
         c->record_len = e.record_len;
+        c->index = 0;
       }
     }
   }
@@ -623,6 +627,7 @@ Status CdsBuild::Locate() {
         c->container = b.container;
         c->offset = b.offset;
         c->record_len = b.record_len;
+        c->index = b.index;
       }
     }
     Progress(++done, vms_.size(), "locate");
@@ -661,13 +666,16 @@ Status CdsBuild::AppendRecord(Chosen& c, const Fingerprint& fp, uint32_t raw_len
   c.container = writer_.id();
   c.offset = info.offset;
   c.record_len = info.record_len;
+  c.index = 0;
   r_.copied_blocks++;
   r_.copied_stored_bytes += info.record_len;
   return Status::OK();
 }
 
 Status CdsBuild::Copy() {
-  // Own blocks, read in container order, verified, copied record for record.
+  // Own blocks, read in container order and verified. A block record is
+  // copied as it is; a block of a frame record is compressed alone, since
+  // CDS containers hold block records only.
   std::vector<Chosen*> own;
   uint64_t seed_only = 0;
   for (Chosen& c : chosen_) {
@@ -675,31 +683,51 @@ Status CdsBuild::Copy() {
     if (c.src == Chosen::Src::kNone) seed_only++;
   }
   std::sort(own.begin(), own.end(), [](const Chosen* a, const Chosen* b) {
-    return std::tie(a->vm, a->container, a->offset) < std::tie(b->vm, b->container, b->offset);
+    return std::tie(a->vm, a->container, a->offset, a->index) <
+           std::tie(b->vm, b->container, b->offset, b->index);
   });
   const uint64_t total = own.size() + seed_only;
   uint64_t done = 0;
-  std::string record, plain;
+  Compressor compressor(cfg_.compression_level);
+  std::string record, plain, payload;
+  RecordView view;
+  // The record `view` and `plain` hold: VM, container, offset, length.
+  std::optional<std::tuple<uint32_t, uint64_t, uint32_t, uint32_t>> decoded;
   for (Chosen* c : own) {
     BlockRef ref;
     ref.kind = BlockKind::kOwn;
     ref.container = c->container;
     std::string object = BlockObjectName(vms_[c->vm].name, ref);
     std::string what = object + " at offset " + std::to_string(c->offset);
-    Status st = repo_.objects()->GetRange(object, c->offset, c->record_len, &record);
-    if (!st.ok())
-      return st.WithContext("read block " + c->fp.Hex() + " of VM '" + vms_[c->vm].name + "'");
-    RETURN_IF_ERROR(DecodeBlockRecord(record, &c->fp, &plain, what));
-    if (plain.size() != c->length ||
-        Sha256({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) != c->fp)
+    const auto key = std::make_tuple(c->vm, c->container, c->offset, c->record_len);
+    if (decoded != key) {
+      decoded.reset();
+      Status st = repo_.objects()->GetRange(object, c->offset, c->record_len, &record);
+      if (!st.ok())
+        return st.WithContext("read block " + c->fp.Hex() + " of VM '" + vms_[c->vm].name + "'");
+      RETURN_IF_ERROR(RecordView::Parse(record, what, &view));
+      plain.resize(view.raw_len());
+      RETURN_IF_ERROR(
+          view.DecodePrefix({reinterpret_cast<uint8_t*>(plain.data()), plain.size()}, what));
+      decoded = key;
+    }
+    ASSIGN_OR_RETURN(RecordView::Block blk, view.Find(c->index, &c->fp, c->length, what));
+    std::span<const uint8_t> block(
+        reinterpret_cast<const uint8_t*>(plain.data()) + blk.plain_offset, blk.raw_len);
+    if (Sha256(block) != c->fp)
       return Status::Corruption(what + ": the block's content does not match its fingerprint " +
                                 c->fp.Hex());
-    BlockRecordInfo info;
-    RETURN_IF_ERROR(ParseBlockRecordHeader(record, &info, what));
-    std::span<const uint8_t> payload(
-        reinterpret_cast<const uint8_t*>(record.data()) + kBlockRecordHeaderSize,
-        record.size() - kBlockRecordHeaderSize);
-    RETURN_IF_ERROR(AppendRecord(*c, c->fp, info.raw_len, info.compression, payload));
+    if (!view.is_frame()) {
+      std::span<const uint8_t> stored(
+          reinterpret_cast<const uint8_t*>(record.data()) + kBlockRecordHeaderSize,
+          record.size() - kBlockRecordHeaderSize);
+      RETURN_IF_ERROR(AppendRecord(*c, c->fp, blk.raw_len, view.compression(), stored));
+    } else {
+      Compression comp = compressor.Compress(block, &payload);
+      RETURN_IF_ERROR(
+          AppendRecord(*c, c->fp, blk.raw_len, comp,
+                       {reinterpret_cast<const uint8_t*>(payload.data()), payload.size()}));
+    }
     Progress(++done, total, "copy");
   }
   if (seed_only == 0) return Status::OK();
@@ -713,8 +741,6 @@ Status CdsBuild::Copy() {
     const Chosen* c = find(fp);
     return c != nullptr && c->src == Chosen::Src::kNone;
   };
-  Compressor compressor(cfg_.compression_level);
-  std::string payload;
   for (const std::string& seed : o_.seeds) {
     Status st = ScanSeed(
         seed, cfg_, *chunker_, pool_, want,

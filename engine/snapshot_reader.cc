@@ -67,7 +67,8 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
     const uint32_t b = std::max(pos, begin), e = std::min(pos + len, end);
     if (b < e) std::memcpy(out + (b - begin), src + (b - pos), e - b);
   };
-  std::string run_bytes, plain;
+  std::string run_bytes;
+  thread_local std::vector<uint8_t> plain;  // blocks the range cuts, decoded
   uint32_t pos = 0;
   size_t i = 0;
   while (i < blocks.size() && pos < end) {
@@ -84,53 +85,80 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
       i++;
       continue;
     }
-    // Coalesce the following blocks of the range stored back to back in the
-    // same object.
+    // Coalesce the following blocks of the range whose records lie back to
+    // back in the same object (or are the record just before: blocks of one
+    // frame).
     size_t j = i + 1;
     uint64_t obj_end = static_cast<uint64_t>(b.offset) + b.record_len;
+    uint32_t last_offset = b.offset;
     uint32_t run_pos = pos + b.length;
     while (j < blocks.size() && run_pos < end && blocks[j].kind == b.kind &&
-           blocks[j].container == b.container && blocks[j].offset == obj_end &&
-           obj_end - b.offset < (8u << 20)) {
-      obj_end += blocks[j].record_len;
-      run_pos += blocks[j].length;
+           blocks[j].container == b.container && obj_end - b.offset < (8u << 20)) {
+      const BlockRef& n = blocks[j];
+      if (n.offset == last_offset && obj_end == uint64_t{n.offset} + n.record_len) {
+        // the same record again
+      } else if (n.offset == obj_end) {
+        last_offset = n.offset;
+        obj_end += n.record_len;
+      } else {
+        break;
+      }
+      run_pos += n.length;
       j++;
     }
     const std::string object = BlockObjectName(vm_.vm(), b);
     Status st = repo_.objects()->GetRange(object, b.offset, obj_end - b.offset, &run_bytes);
     if (!st.ok()) return st.WithContext(context + ": read " + object);
-    uint64_t rel = 0;
-    for (size_t k = i; k < j; k++) {
+    for (size_t k = i; k < j;) {
       const BlockRef& r = blocks[k];
-      std::string_view record(run_bytes.data() + rel, r.record_len);
-      rel += r.record_len;
-      std::string what = object + " at offset " + std::to_string(r.offset);
-      // A block wholly inside the range decodes straight into `out`; one
-      // the range cuts goes through `plain`.
-      const bool whole = pos >= begin && pos + r.length <= end;
-      std::span<uint8_t> dst;
-      if (whole) {
-        dst = {out + (pos - begin), r.length};
-        st = DecodeBlockRecordInto(record, &r.fingerprint, dst, what);
-      } else {
-        st = DecodeBlockRecord(record, &r.fingerprint, &plain, what);
-        if (st.ok() && plain.size() != r.length)
-          st = Status::Corruption(what + " holds " + std::to_string(plain.size()) +
-                                  " bytes, the recipe expects " + std::to_string(r.length));
-        dst = {reinterpret_cast<uint8_t*>(plain.data()), plain.size()};
-      }
+      std::string_view record(run_bytes.data() + (r.offset - b.offset), r.record_len);
+      const std::string what = object + " at offset " + std::to_string(r.offset);
+      RecordView view;
+      st = RecordView::Parse(record, what, &view);
       if (!st.ok()) return st.WithContext(context);
-      if (hasher.Hash(dst) != r.fingerprint)
-        return Status::Corruption(context + ": " + what + ": content does not match fingerprint " +
-                                  r.fingerprint.Hex());
-      if (!whole) copy_overlap(pos, dst.data(), r.length);
-      if (data) {
-        if (!data->empty() && data->back().second == pos)
-          data->back().second = pos + r.length;
-        else
-          data->push_back({pos, pos + r.length});
+      // The blocks k..m-1 of the recipe that this record holds, and how much
+      // of its plaintext they need.
+      size_t m = k + 1;
+      while (m < j && blocks[m].offset == r.offset) m++;
+      uint32_t need = 0;
+      bool direct = true;  // blocks 0, 1, ... of the record, all inside the range
+      uint32_t p = pos;
+      for (size_t t = k; t < m; t++) {
+        auto blk = view.Find(blocks[t].index, &blocks[t].fingerprint, blocks[t].length, what);
+        if (!blk.ok()) return blk.status().WithContext(context);
+        need = std::max(need, blk->plain_offset + blk->raw_len);
+        direct = direct && blocks[t].index == t - k && p >= begin && p + blocks[t].length <= end;
+        p += blocks[t].length;
       }
-      pos += r.length;
+      // Decoded straight into `out` when the blocks are the record's
+      // plaintext from its start, in order; else through `plain`.
+      uint8_t* src;
+      if (direct) {
+        src = out + (pos - begin);
+      } else {
+        if (plain.size() < need) plain.resize(need);
+        src = plain.data();
+      }
+      st = view.DecodePrefix({src, need}, what);
+      if (!st.ok()) return st.WithContext(context);
+      for (size_t t = k; t < m; t++) {
+        const BlockRef& ref = blocks[t];
+        const uint8_t* bytes =
+            direct ? out + (pos - begin) : src + view.block(ref.index).plain_offset;
+        if (hasher.Hash({bytes, ref.length}) != ref.fingerprint)
+          return Status::Corruption(context + ": " + what + ": content of block " +
+                                    std::to_string(ref.index) + " does not match fingerprint " +
+                                    ref.fingerprint.Hex());
+        if (!direct) copy_overlap(pos, bytes, ref.length);
+        if (data) {
+          if (!data->empty() && data->back().second == pos)
+            data->back().second = pos + ref.length;
+          else
+            data->push_back({pos, pos + ref.length});
+        }
+        pos += ref.length;
+      }
+      k = m;
     }
     i = j;
   }

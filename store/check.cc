@@ -14,12 +14,16 @@
 namespace vmdedup {
 namespace {
 
+// A block in a container: its record (offset, length), its index in the
+// record (0 but in a frame record) and fingerprint.
 struct Ref {
   uint32_t offset;
   uint32_t record_len;
+  uint32_t index;
   Fingerprint fp;
   bool operator<(const Ref& o) const {
-    return std::tie(offset, record_len, fp) < std::tie(o.offset, o.record_len, o.fp);
+    return std::tie(offset, record_len, index, fp) <
+           std::tie(o.offset, o.record_len, o.index, o.fp);
   }
 };
 
@@ -32,14 +36,21 @@ Status VerifyContainerRecords(Repository& repo, const std::string& object, uint6
   RETURN_IF_ERROR(repo.objects()->Get(object, &data));
   return ForEachBlockRecord(
       data, cid, object, [&](const BlockRecordInfo& info, std::string_view record) {
-        RETURN_IF_ERROR(DecodeBlockRecord(record, &info.fingerprint, &plain, object));
-        if (hasher.Hash({reinterpret_cast<const uint8_t*>(plain.data()), plain.size()}) !=
-            info.fingerprint)
-          return Status::Corruption(object + " at offset " + std::to_string(info.offset) +
-                                    ": content does not match its fingerprint");
-        report.blocks_verified++;
-        report.bytes_verified += plain.size();
-        valid->insert({info.offset, info.record_len, info.fingerprint});
+        const std::string what = object + " at offset " + std::to_string(info.offset);
+        RecordView view;
+        RETURN_IF_ERROR(RecordView::Parse(record, what, &view));
+        plain.resize(view.raw_len());
+        auto* bytes = reinterpret_cast<uint8_t*>(plain.data());
+        RETURN_IF_ERROR(view.DecodePrefix({bytes, plain.size()}, what));
+        for (uint32_t i = 0; i < view.block_count(); i++) {
+          RecordView::Block b = view.block(i);
+          if (hasher.Hash({bytes + b.plain_offset, b.raw_len}) != b.fingerprint)
+            return Status::Corruption(what + ": content of block " + std::to_string(i) +
+                                      " does not match its fingerprint");
+          report.blocks_verified++;
+          report.bytes_verified += b.raw_len;
+          valid->insert({info.offset, info.record_len, i, b.fingerprint});
+        }
         return Status::OK();
       });
 }
@@ -119,7 +130,7 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
       continue;
     }
     for (const auto& [v, e] : entries) {
-      if (!valid.count({e.offset, e.record_len, e.fingerprint})) {
+      if (!valid.count({e.offset, e.record_len, 0, e.fingerprint})) {
         AddFinding(report, CheckFinding::Kind::kError,
                    "CDS version " + std::to_string(v) + ": " + object + " has no record with " +
                        "fingerprint " + e.fingerprint.Hex() + " at offset " +
@@ -284,8 +295,9 @@ Status VmCheck::Run() {
           problem = "refers to CDS container " + object + ", which no published CDS version has";
         } else if (uint64_t{b.offset} + b.record_len > size->second) {
           problem = "refers past the end of " + object;
-        } else if (opt_.read_data && !cds_.valid_records.at(b.container)
-                                          .count({b.offset, b.record_len, b.fingerprint})) {
+        } else if (opt_.read_data &&
+                   !cds_.valid_records.at(b.container)
+                        .count({b.offset, b.record_len, b.index, b.fingerprint})) {
           problem = "refers to " + object + " at offset " + std::to_string(b.offset) +
                     ", where there is no record with fingerprint " + b.fingerprint.Hex();
         }
@@ -304,7 +316,7 @@ Status VmCheck::Run() {
         Error("recipe " + SegmentRecipeKey(id) + " refers past the end of " + c->second.object);
         bad_recipes.insert(id);
       } else {
-        refs[b.container].insert({b.offset, b.record_len, b.fingerprint});
+        refs[b.container].insert({b.offset, b.record_len, b.index, b.fingerprint});
       }
     }
   }

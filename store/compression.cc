@@ -102,6 +102,40 @@ Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span
   return DecodeCheckedPayload(c, payload, out, what);
 }
 
+Status DecompressPrefix(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
+                        std::span<uint8_t> out, const std::string& what) {
+  if (out.size() > raw_len) {
+    return Status::InvalidArgument(what + ": asked for " + std::to_string(out.size()) +
+                                   " bytes of a " + std::to_string(raw_len) + "-byte payload");
+  }
+  RETURN_IF_ERROR(CheckPayloadSize(c, payload, raw_len, what));
+  if (out.size() == raw_len) return DecodeCheckedPayload(c, payload, out, what);
+  if (c == Compression::kNone) {
+    if (!out.empty()) std::memcpy(out.data(), payload.data(), out.size());
+    return Status::OK();
+  }
+  ZSTD_DCtx* ctx = ThreadDCtx();
+  if (ctx == nullptr) return Status::IOError(what + ": cannot allocate a zstd context");
+  ZSTD_DCtx_reset(ctx, ZSTD_reset_session_only);
+  ZSTD_outBuffer ob{out.data(), out.size(), 0};
+  ZSTD_inBuffer ib{payload.data(), payload.size(), 0};
+  while (ob.pos < ob.size) {
+    const size_t before_in = ib.pos, before_out = ob.pos;
+    size_t r = ZSTD_decompressStream(ctx, &ob, &ib);
+    if (ZSTD_isError(r))
+      return Status::Corruption(what + ": zstd: " + std::string(ZSTD_getErrorName(r)));
+    if (r == 0 && ob.pos < ob.size) break;                   // the frame ended early
+    if (ib.pos == before_in && ob.pos == before_out) break;  // no progress: input exhausted
+  }
+  // Leave the context clean for the next one-shot call on this thread.
+  ZSTD_DCtx_reset(ctx, ZSTD_reset_session_only);
+  if (ob.pos != out.size()) {
+    return Status::Corruption(what + ": zstd frame ended after " + std::to_string(ob.pos) +
+                              " bytes, expected at least " + std::to_string(out.size()));
+  }
+  return Status::OK();
+}
+
 Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
                   std::string* out, const std::string& what) {
   RETURN_IF_ERROR(CheckPayloadSize(c, payload, raw_len, what));

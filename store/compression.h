@@ -52,5 +52,13 @@ Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_
 // intermediate copy (a reader decoding straight into its output buffer).
 Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span<uint8_t> out,
                       const std::string& what);
+// The first out.size() bytes of a payload whose plaintext is `raw_len` bytes
+// (out.size() <= raw_len): zstd stops once `out` is full, so a block near the
+// start of a frame costs less than the whole frame. The payload's declared
+// size is checked; the rest of the frame is not decoded, so the caller
+// verifies what it got (the record's crc covers the payload, the
+// fingerprint the plaintext).
+Status DecompressPrefix(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
+                        std::span<uint8_t> out, const std::string& what);
 
 }  // namespace vmdedup

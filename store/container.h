@@ -1,13 +1,16 @@
 // Containers: the immutable objects that hold a VM's (or the CDS area's)
-// block data. A container is a header, a sequence of block records and a
-// trailer; docs/format.md (docs/format-containers.md until merged) and
-// container.cc give the byte layout. A block is addressed by
-// (container id, record offset, record length) from segment recipes, so a
-// restore reads exactly one record without parsing the rest.
+// block data. A container is a header, a sequence of records and a trailer;
+// docs/format.md and container.cc give the byte layout. A record is either a
+// block record (one block) or, in container format version 2, a frame record
+// (2 to kMaxFrameBlocks blocks compressed together as one zstd frame). A
+// block is addressed by (container id, record offset, record length, block
+// index) from segment recipes, so a restore reads exactly the records it
+// needs without parsing the rest.
 //
 // ContainerWriter builds one container in memory (bounded by its capacity);
-// it is used by one thread. The decoding functions are pure and thread-safe;
-// any malformed byte yields Corruption naming the container, never a crash.
+// it is used by one thread. RecordView and the decoding functions are pure
+// and thread-safe; any malformed byte yields Corruption naming the
+// container, never a crash.
 #pragma once
 
 #include <cstdint>
@@ -22,19 +25,36 @@
 
 namespace vmdedup {
 
-constexpr uint32_t kContainerFormatVersion = 1;
+// Version 1: block records only; 2: frame records too. A writer writes 1
+// unless it appended a frame record.
+constexpr uint32_t kContainerFormatVersion = 2;
 constexpr size_t kContainerHeaderSize = 32;
 constexpr size_t kBlockRecordHeaderSize = 48;
+constexpr size_t kFrameRecordHeaderSize = 16;
+constexpr size_t kFrameTableEntrySize = 36;  // fingerprint, u32 raw length
+constexpr uint32_t kMaxFrameBlocks = 256;
 constexpr size_t kContainerTrailerSize = 32;
 constexpr size_t kMaxContainerSize = 64u << 20;  // maps onto one RADOS object
+// The most plaintext one record holds (a block, or a frame's blocks together).
 constexpr uint32_t kMaxBlockSize = 1u << 20;
 
+// A record as written or listed. For a block record, `fingerprint` and
+// `raw_len` are its block's; for a frame record `block_count` > 1, `raw_len`
+// is the frame's plaintext and `fingerprint` is unset (RecordView::block
+// gives each block's).
 struct BlockRecordInfo {
   uint32_t offset = 0;      // of the record in the container
-  uint32_t record_len = 0;  // header + payload
+  uint32_t record_len = 0;  // header (+ block table) + payload
   uint32_t raw_len = 0;     // plaintext length
   Compression compression = Compression::kNone;
   Fingerprint fingerprint;
+  uint32_t block_count = 1;
+};
+
+// One block of a frame record being written.
+struct FrameBlock {
+  Fingerprint fingerprint;
+  uint32_t raw_len = 0;
 };
 
 class ContainerWriter {
@@ -50,9 +70,24 @@ class ContainerWriter {
   // for kNone, payload.size() == raw_len (asserted). Returns where it went.
   BlockRecordInfo Append(const Fingerprint& fp, uint32_t raw_len, Compression c,
                          std::span<const uint8_t> payload);
+  // The size of a frame record of `blocks` blocks and that payload.
+  static size_t FrameRecordSize(size_t blocks, size_t payload_len) {
+    return kFrameRecordHeaderSize + kFrameTableEntrySize * blocks + payload_len;
+  }
+  // True when a frame record of `blocks` blocks (2..kMaxFrameBlocks) and a
+  // payload of `payload_len` bytes still fits, trailer included.
+  bool FitsFrame(size_t blocks, size_t payload_len) const;
+  // Appends a frame record: `blocks` (2..kMaxFrameBlocks, each at least one
+  // byte, kMaxBlockSize together) and `payload`, their plaintexts back to
+  // back, compressed as one (kZstd) or as they are (kNone, then
+  // payload.size() is their total length). The caller checked FitsFrame;
+  // asserted. The container becomes format version 2.
+  BlockRecordInfo AppendFrame(std::span<const FrameBlock> blocks, Compression c,
+                              std::span<const uint8_t> payload);
   uint64_t id() const { return id_; }
   size_t size() const { return buf_.size(); }
-  uint32_t block_count() const { return count_; }
+  uint32_t block_count() const { return blocks_; }  // in all its records
+  uint32_t record_count() const { return count_; }
   bool empty() const { return count_ == 0; }
   // Appends the trailer and returns the finished object bytes; the writer is
   // empty afterwards, ready for container id()+1 (or Reset to another id).
@@ -66,10 +101,59 @@ class ContainerWriter {
   uint64_t id_;
   size_t capacity_;
   std::string buf_;
-  uint32_t count_ = 0;
+  uint32_t count_ = 0;   // records
+  uint32_t blocks_ = 0;  // blocks in them
+  bool has_frames_ = false;
 };
 
-// Decodes one record read from a container: checks that `record` is exactly
+// A record of either kind whose checksum and fields have been verified
+// (Parse); it views the record's bytes, which must outlive it.
+class RecordView {
+ public:
+  struct Block {
+    Fingerprint fingerprint;
+    uint32_t raw_len = 0;
+    uint32_t plain_offset = 0;  // where it starts in the record's plaintext
+  };
+  // Checks that `record` is exactly one whole record (block or frame), its
+  // checksum and fields. `what` names the container and offset in errors.
+  static Status Parse(std::string_view record, const std::string& what, RecordView* view);
+
+  bool is_frame() const { return frame_; }
+  uint32_t block_count() const { return block_count_; }
+  uint32_t raw_len() const { return raw_len_; }  // all blocks
+  Compression compression() const { return compression_; }
+  BlockRecordInfo info(uint32_t offset) const;
+  // Block i (< block_count()); O(i) for a frame record.
+  Block block(uint32_t i) const;
+  // Block `index` checked against the recipe's `expected` fingerprint (when
+  // not null) and `length`: Corruption naming `what` when it differs or the
+  // record has no such block.
+  Result<Block> Find(uint32_t index, const Fingerprint* expected, uint32_t length,
+                     const std::string& what) const;
+  // Decompresses the first out.size() (<= raw_len()) bytes of the plaintext.
+  Status DecodePrefix(std::span<uint8_t> out, const std::string& what) const;
+
+ private:
+  std::string_view record_;
+  std::span<const uint8_t> payload_;
+  const uint8_t* table_ = nullptr;  // frame records: the block table
+  Fingerprint fingerprint_;         // block records: the block's
+  uint32_t raw_len_ = 0;
+  uint32_t block_count_ = 1;
+  bool frame_ = false;
+  Compression compression_ = Compression::kNone;
+};
+
+// Decodes block `index` of a record of either kind (read with the record
+// length from the recipe) into `plaintext`, checking the record and the
+// block's fingerprint against `expected` (when not null). Decompresses a
+// frame only up to the end of that block. Does not re-hash the plaintext.
+Status DecodeBlock(std::string_view record, uint32_t index, const Fingerprint* expected,
+                   std::string* plaintext, const std::string& what);
+
+// Decodes one block record read from a container (a frame record is
+// Corruption: use DecodeBlock or RecordView): checks that `record` is exactly
 // one whole record (read with the record length from the recipe), its
 // checksum and fields, decompresses it to exactly raw_len bytes and, when
 // `expected` is not null, checks that the record's fingerprint is
@@ -81,18 +165,19 @@ Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
 // record's plaintext length (a different raw_len is Corruption).
 Status DecodeBlockRecordInto(std::string_view record, const Fingerprint* expected,
                              std::span<uint8_t> out, const std::string& what);
-// Parses only a record's header (checksum of the header is verified together
-// with the payload, so this is for listing, not trusting). Checks the fields'
-// bounds; `info->offset` is left 0 (unknown here).
+// Parses only a block record's header (checksum of the header is verified
+// together with the payload, so this is for listing, not trusting). Checks
+// the fields' bounds; `info->offset` is left 0 (unknown here). A frame
+// record is Corruption here.
 Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
                               const std::string& what);
 
 // Validates a whole container (header and its id, trailer, every record's
-// checksum and fields, the record count) and calls `fn` for each record in
-// order. Header and trailer are checked before the first call, so a truncated
-// container calls `fn` never; a corrupt record stops the walk with Corruption
-// after `fn` has seen the records before it. Payloads are not decompressed.
-// `fn` may return a non-OK Status to stop; that Status is returned.
+// checksum and fields, the record count; no frame record in a version 1
+// container) and calls `fn` for each record (block or frame) in order. Header and trailer are
+// checked before the first call, so a truncated container calls `fn` never; a corrupt record stops
+// the walk with Corruption after `fn` has seen the records before it. Payloads are not
+// decompressed. `fn` may return a non-OK Status to stop; that Status is returned.
 Status ForEachBlockRecord(
     std::string_view container, uint64_t expected_id, const std::string& what,
     const std::function<Status(const BlockRecordInfo&, std::string_view record)>& fn);

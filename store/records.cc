@@ -1,10 +1,12 @@
 #include "store/records.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
+#include "store/container.h"
 
 namespace vmdedup {
 namespace {
@@ -18,8 +20,11 @@ enum RecordType : uint8_t {
   kCounter = 6,
 };
 // The record version each type is written with; a reader accepts 1 up to it.
-// Snapshots: 2 appends the CDS version.
-uint8_t CurrentVersion(RecordType type) { return type == kSnapshot ? 2 : 1; }
+// Snapshots: 2 appends the CDS version. Segment recipes: 2 appends each
+// block's index in its record (written only when one is not 0).
+uint8_t CurrentVersion(RecordType type) {
+  return type == kSnapshot || type == kSegmentRecipe ? 2 : 1;
+}
 
 uint32_t EnvelopeCrc(std::string_view key, std::string_view head_and_body) {
   uint32_t crc = crc32c::Extend(0, key.data(), key.size());
@@ -27,10 +32,10 @@ uint32_t EnvelopeCrc(std::string_view key, std::string_view head_and_body) {
 }
 
 // Starts a value: type and version; the caller appends the body, then Seal.
-ByteWriter Begin(RecordType type) {
+ByteWriter Begin(RecordType type, uint8_t version = 0) {
   ByteWriter w;
   w.U8(type);
-  w.U8(CurrentVersion(type));
+  w.U8(version != 0 ? version : CurrentVersion(type));
   return w;
 }
 
@@ -242,7 +247,11 @@ Status DecodeSegmentList(std::string_view key, std::string_view value, std::vect
 }
 
 std::string EncodeSegmentRecipe(std::string_view key, const SegmentRecipe& r) {
-  ByteWriter w = Begin(kSegmentRecipe);
+  // Version 1 when no block lies inside a frame record: a repository of
+  // format version 1 stays readable by a vmdedup that predates frames.
+  const bool indexed =
+      std::any_of(r.blocks.begin(), r.blocks.end(), [](const BlockRef& b) { return b.index != 0; });
+  ByteWriter w = Begin(kSegmentRecipe, indexed ? 2 : 1);
   w.Varint(r.id);
   w.Varint(r.length);
   w.Varint(r.blocks.size());
@@ -254,13 +263,15 @@ std::string EncodeSegmentRecipe(std::string_view key, const SegmentRecipe& r) {
     w.Varint(b.container);
     w.Varint(b.offset);
     w.Varint(b.record_len);
+    if (indexed) w.Varint(b.index);
   }
   return Seal(key, w);
 }
 
 Status DecodeSegmentRecipe(std::string_view key, std::string_view value, SegmentRecipe* r) {
   std::string_view body;
-  RETURN_IF_ERROR(Open(key, value, kSegmentRecipe, &body));
+  uint8_t version = 0;
+  RETURN_IF_ERROR(Open(key, value, kSegmentRecipe, &body, &version));
   ByteReader in(body, "segment recipe '" + std::string(key) + "'");
   uint64_t n = 0;
   RETURN_IF_ERROR(in.Varint(&r->id));
@@ -284,6 +295,12 @@ Status DecodeSegmentRecipe(std::string_view key, std::string_view value, Segment
       RETURN_IF_ERROR(in.Varint(&b.container));
       RETURN_IF_ERROR(GetVarintAs(in, &b.offset));
       RETURN_IF_ERROR(GetVarintAs(in, &b.record_len));
+      if (version >= 2) {
+        RETURN_IF_ERROR(GetVarintAs(in, &b.index));
+        if (b.index >= kMaxFrameBlocks || (b.kind == BlockKind::kCds && b.index != 0))
+          return Status::Corruption(in.what() + ": block index " + std::to_string(b.index) +
+                                    " out of range");
+      }
     }
     total += b.length;
     r->blocks.push_back(b);

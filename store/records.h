@@ -20,7 +20,9 @@
 
 namespace vmdedup {
 
-constexpr uint32_t kRepoFormatVersion = 1;
+// Version 2 adds multi-block frame records (docs/format.md); 1 is still
+// read and written as it was.
+constexpr uint32_t kRepoFormatVersion = 2;
 
 // Bytes each level accounted for; zero+segment+block+cds+new == size.
 struct LevelStats {
@@ -59,7 +61,8 @@ enum class BlockKind : uint8_t { kZero = 0, kOwn = 1, kCds = 2 };
 
 // One block of a segment. Zero blocks carry only a length; a run of zeros is
 // one entry. Own blocks live in the VM's containers, CDS blocks in the CDS
-// area's containers; (container, offset, record_len) addresses the record.
+// area's containers; (container, offset, record_len) addresses the record
+// and `index` the block in it (0 but in a multi-block frame record).
 struct BlockRef {
   BlockKind kind = BlockKind::kZero;
   uint32_t length = 0;
@@ -67,6 +70,7 @@ struct BlockRef {
   uint64_t container = 0;
   uint32_t offset = 0;
   uint32_t record_len = 0;
+  uint32_t index = 0;
 };
 
 struct SegmentRecipe {

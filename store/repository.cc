@@ -15,6 +15,7 @@
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
+#include "store/container.h"
 
 namespace vmdedup {
 namespace fs = std::filesystem;
@@ -43,6 +44,7 @@ std::string EncodeConfig(const RepoConfig& c) {
       {"compression_level", c.compression_level},
       {"container_capacity", c.container_capacity},
   };
+  if (c.format_version >= 2) j["frame_size"] = c.frame_size;
   std::string body = j.dump(2) + "\n";
   ByteWriter w;
   w.Bytes(kConfigMagic, 8);
@@ -64,10 +66,11 @@ Status DecodeConfig(const std::string& data, const std::string& path, RepoConfig
   try {
     auto j = nlohmann::json::parse(data.substr(12, len));
     c->format_version = j.at("format_version").get<uint32_t>();
-    if (c->format_version != kRepoFormatVersion)
+    if (c->format_version < 1 || c->format_version > kRepoFormatVersion)
       return Status::NotSupported(what + ": format version " + std::to_string(c->format_version) +
-                                  ", this vmdedup reads version " +
-                                  std::to_string(kRepoFormatVersion));
+                                  ", this vmdedup reads versions 1 to " +
+                                  std::to_string(kRepoFormatVersion) +
+                                  " (a newer vmdedup made it)");
     c->repo_id = j.at("repo_id").get<std::string>();
     c->segment_size = j.at("segment_size").get<uint32_t>();
     ASSIGN_OR_RETURN(c->chunker.kind, ParseChunkerKind(j.at("chunker").get<std::string>()));
@@ -76,6 +79,7 @@ Status DecodeConfig(const std::string& data, const std::string& path, RepoConfig
     c->chunker.max_size = j.at("chunk_max").get<uint32_t>();
     c->compression_level = j.at("compression_level").get<int>();
     c->container_capacity = j.at("container_capacity").get<uint32_t>();
+    c->frame_size = c->format_version >= 2 ? j.at("frame_size").get<uint32_t>() : 0;
   } catch (const std::exception& e) {
     return Status::Corruption(what + ": " + e.what());
   }
@@ -150,6 +154,12 @@ Status ValidateRepoConfig(const RepoConfig& c) {
         std::to_string(c.compression_level));
   if (c.container_capacity < (1u << 20) || c.container_capacity > (64u << 20))
     return Status::InvalidArgument("container capacity must be 1 to 64 MiB");
+  if (c.frame_size != 0 && (c.frame_size < (4u << 10) || c.frame_size > kMaxBlockSize))
+    return Status::InvalidArgument(
+        "frame size must be 0 (one block a frame) or 4 KiB to 1 MiB, got " +
+        std::to_string(c.frame_size));
+  if (c.format_version < 2 && c.frame_size != 0)
+    return Status::InvalidArgument("a format version 1 repository has no multi-block frames");
   if (c.chunker.max_size > c.segment_size)
     return Status::InvalidArgument("the largest block must not exceed the segment size");
   auto chunker = NewChunker(c.chunker);
@@ -162,6 +172,7 @@ Repository::Repository(std::string path, RepoConfig config)
 Repository::~Repository() = default;
 
 Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, RepoConfig config) {
+  config.format_version = kRepoFormatVersion;
   RETURN_IF_ERROR(ValidateRepoConfig(config));
   std::error_code ec;
   if (fs::exists(path, ec)) {

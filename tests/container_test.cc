@@ -121,7 +121,7 @@ TEST(ContainerTest, ByteLayoutIsAsDocumented) {
   SmallContainer c = MakeSmallContainer();
   const auto* p = reinterpret_cast<const uint8_t*>(c.bytes.data());
   EXPECT_EQ(c.bytes.substr(0, 8), "VMDDCTR1");
-  EXPECT_EQ(DecodeU32(p + 8), kContainerFormatVersion);
+  EXPECT_EQ(DecodeU32(p + 8), 1u);  // block records only: version 1
   EXPECT_EQ(DecodeU32(p + 12), 0u);
   EXPECT_EQ(DecodeU64(p + 16), c.id);
   EXPECT_EQ(DecodeU32(p + 24), 0u);
@@ -422,7 +422,8 @@ TEST(ContainerTest, HeaderAndTrailerFieldsAreChecked) {
     return ReadAll(bad, c.id, &plains);
   };
   const size_t t = c.bytes.size() - kContainerTrailerSize;
-  EXPECT_TRUE(patch(0, 8, 2, 4).IsCorruption());              // version
+  EXPECT_TRUE(patch(0, 8, 3, 4).IsCorruption());              // version
+  EXPECT_TRUE(patch(0, 8, 0, 4).IsCorruption());              // version
   EXPECT_TRUE(patch(0, 12, 1, 4).IsCorruption());             // flags
   EXPECT_TRUE(patch(0, 16, c.id + 1, 8).IsCorruption());      // id
   EXPECT_TRUE(patch(0, 24, 1, 4).IsCorruption());             // reserved

@@ -1,13 +1,20 @@
 // Unit tests of the metadata records (store/records.h) and the repository
 // layer (store/repository.h): round trips, every corrupted or truncated byte
-// detected, names and snapshot references validated, the VM lock.
+// detected, segment recipe versions 1 and 2 (block index), names and
+// snapshot references validated, the repository configuration (format
+// versions 1 and 2, frame size), the VM lock.
 #include "store/records.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
+#include <optional>
+
 #include "base/crc32c.h"
 #include "base/encoding.h"
+#include "store/container.h"
 #include "store/repository.h"
 #include "tests/test_util.h"
 
@@ -186,6 +193,134 @@ TEST(RecordsTest, SegmentRecipeRoundTripAndDamage) {
   });
 }
 
+// The value EncodeSegmentRecipe must write for `r` as record `version`,
+// built from docs/format.md ("Metadata records"): type 4, the version, the
+// body (version 2: a block index after each non-zero block's record
+// length) and the masked crc32c of key, type, version and body.
+std::string RecipeValueAsDocumented(const std::string& key, const SegmentRecipe& r,
+                                    uint8_t version) {
+  ByteWriter w;
+  w.U8(4);
+  w.U8(version);
+  w.Varint(r.id);
+  w.Varint(r.length);
+  w.Varint(r.blocks.size());
+  for (const BlockRef& b : r.blocks) {
+    w.U8(static_cast<uint8_t>(b.kind));
+    w.Varint(b.length);
+    if (b.kind == BlockKind::kZero) continue;
+    w.Bytes(b.fingerprint.bytes.data(), b.fingerprint.bytes.size());
+    w.Varint(b.container);
+    w.Varint(b.offset);
+    w.Varint(b.record_len);
+    if (version >= 2) w.Varint(b.index);
+  }
+  uint32_t crc = crc32c::Extend(0, key.data(), key.size());
+  crc = crc32c::Extend(crc, w.buffer().data(), w.size());
+  w.U32(crc32c::Mask(crc));
+  return w.Take();
+}
+
+// A recipe whose blocks all lie in block records (index 0) is written as
+// record version 1, which a vmdedup that predates frame records reads.
+TEST(RecordsTest, RecipeWithoutFrameBlocksIsVersion1) {
+  SegmentRecipe r = SampleRecipe();
+  std::string key = SegmentRecipeKey(r.id);
+  std::string v = EncodeSegmentRecipe(key, r);
+  EXPECT_EQ(static_cast<uint8_t>(v[0]), 4u);  // segment recipe
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 1u) << "no block index: record version 1";
+  EXPECT_EQ(v, RecipeValueAsDocumented(key, r, 1));
+  SegmentRecipe d;
+  ASSERT_TRUE(DecodeSegmentRecipe(key, v, &d).ok());
+  ASSERT_EQ(d.blocks.size(), 3u);
+  for (size_t i = 0; i < 3; i++) {
+    EXPECT_EQ(d.blocks[i].kind, r.blocks[i].kind) << i;
+    EXPECT_EQ(d.blocks[i].length, r.blocks[i].length) << i;
+    EXPECT_EQ(d.blocks[i].fingerprint, r.blocks[i].fingerprint) << i;
+    EXPECT_EQ(d.blocks[i].container, r.blocks[i].container) << i;
+    EXPECT_EQ(d.blocks[i].offset, r.blocks[i].offset) << i;
+    EXPECT_EQ(d.blocks[i].record_len, r.blocks[i].record_len) << i;
+    EXPECT_EQ(d.blocks[i].index, 0u) << i;
+  }
+  // A version 2 record whose indexes are all 0 (not what the writer makes,
+  // but valid) reads the same.
+  SegmentRecipe d2;
+  ASSERT_TRUE(DecodeSegmentRecipe(key, RecipeValueAsDocumented(key, r, 2), &d2).ok());
+  ASSERT_EQ(d2.blocks.size(), 3u);
+  for (const BlockRef& b : d2.blocks) EXPECT_EQ(b.index, 0u);
+  EXPECT_EQ(d2.blocks[2].offset, 123456u);
+}
+
+// A block inside a frame record makes the recipe version 2, which carries
+// every non-zero block's index.
+TEST(RecordsTest, RecipeWithFrameBlocksIsVersion2AndKeepsTheIndex) {
+  SegmentRecipe r = SampleRecipe();
+  r.blocks[1].index = 5;
+  BlockRef last = r.blocks[1];
+  last.offset = 70000;
+  last.record_len = 16 + 36 * 256 + 500;
+  last.index = kMaxFrameBlocks - 1;
+  r.blocks.push_back(last);
+  BlockRef first_of_frame = r.blocks[1];
+  first_of_frame.index = 0;
+  r.blocks.push_back(first_of_frame);
+  r.length += 2 * 4096;
+  std::string key = SegmentRecipeKey(r.id);
+  std::string v = EncodeSegmentRecipe(key, r);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 2u) << "a block index: record version 2";
+  EXPECT_EQ(v, RecipeValueAsDocumented(key, r, 2));
+  SegmentRecipe d;
+  ASSERT_TRUE(DecodeSegmentRecipe(key, v, &d).ok());
+  ASSERT_EQ(d.blocks.size(), 5u);
+  EXPECT_EQ(d.blocks[0].kind, BlockKind::kZero);
+  EXPECT_EQ(d.blocks[1].index, 5u);
+  EXPECT_EQ(d.blocks[1].offset, 32u);
+  EXPECT_EQ(d.blocks[2].kind, BlockKind::kCds);
+  EXPECT_EQ(d.blocks[2].index, 0u);
+  EXPECT_EQ(d.blocks[3].index, kMaxFrameBlocks - 1);
+  EXPECT_EQ(d.blocks[3].offset, 70000u);
+  EXPECT_EQ(d.blocks[3].record_len, last.record_len);
+  EXPECT_EQ(d.blocks[4].index, 0u);
+  EXPECT_EQ(d.length, r.length);
+  ExpectEveryDamageDetected(key, v, [](const std::string& k, const std::string& val) {
+    SegmentRecipe x;
+    return DecodeSegmentRecipe(k, val, &x);
+  });
+  // Version 3 is a newer vmdedup's.
+  EXPECT_EQ(DecodeSegmentRecipe(key, Reseal(key, 3, v.substr(0, v.size() - 4)), &d).code(),
+            Status::Code::kNotSupported);
+}
+
+TEST(RecordsTest, RecipeBlockIndexOutOfRangeIsCorruption) {
+  for (uint32_t index : {kMaxFrameBlocks, kMaxFrameBlocks + 1, 1000u, 65535u, UINT32_MAX}) {
+    SegmentRecipe r = SampleRecipe();
+    r.blocks[1].index = index;  // the encoder does not check
+    std::string key = SegmentRecipeKey(r.id);
+    std::string v = EncodeSegmentRecipe(key, r);
+    ASSERT_EQ(static_cast<uint8_t>(v[1]), 2u);
+    SegmentRecipe d;
+    Status st = DecodeSegmentRecipe(key, v, &d);
+    EXPECT_TRUE(st.IsCorruption()) << index << ": " << st.ToString();
+    EXPECT_NE(st.message().find(key), std::string::npos) << st.ToString();
+  }
+  // A CDS block is always a block record: index 0 (docs/format.md).
+  for (uint32_t index : {1u, 255u}) {
+    SegmentRecipe r = SampleRecipe();
+    r.blocks[2].index = index;
+    std::string key = SegmentRecipeKey(r.id);
+    SegmentRecipe d;
+    Status st = DecodeSegmentRecipe(key, EncodeSegmentRecipe(key, r), &d);
+    EXPECT_TRUE(st.IsCorruption()) << "CDS block index " << index << ": " << st.ToString();
+  }
+  // The largest index that exists reads back.
+  SegmentRecipe r = SampleRecipe();
+  r.blocks[1].index = kMaxFrameBlocks - 1;
+  std::string key = SegmentRecipeKey(r.id);
+  SegmentRecipe d;
+  ASSERT_TRUE(DecodeSegmentRecipe(key, EncodeSegmentRecipe(key, r), &d).ok());
+  EXPECT_EQ(d.blocks[1].index, kMaxFrameBlocks - 1);
+}
+
 TEST(RecordsTest, SegmentListContainerAndCounterRoundTrip) {
   std::vector<uint64_t> ids = {0, 1, 2, 0, 1ull << 40};
   std::string key = SnapshotSegmentsKey("vda", 3);
@@ -291,6 +426,175 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   auto vms = (*again)->ListVms();
   ASSERT_TRUE(vms.ok());
   EXPECT_EQ(*vms, std::vector<std::string>{"vm1"});
+}
+
+// The configuration file as docs/format.md describes it: "VMDDREPO", u32
+// body length, the JSON body, u32 masked crc32c of all preceding bytes.
+std::string ConfigFileBytes(const std::string& body) {
+  ByteWriter w;
+  w.Bytes("VMDDREPO", 8);
+  w.U32(static_cast<uint32_t>(body.size()));
+  w.Bytes(body.data(), body.size());
+  w.U32(crc32c::Mask(crc32c::Value(w.buffer().data(), w.size())));
+  return w.Take();
+}
+
+// A configuration body of `version`, with `frame_size` when given.
+std::string ConfigBody(uint32_t version, std::optional<uint32_t> frame_size) {
+  std::string body = "{\"format_version\": " + std::to_string(version) +
+                     ", \"repo_id\": \"0123456789abcdef\", \"segment_size\": 1048576, "
+                     "\"chunker\": \"cdc\", \"chunk_avg\": 8192, \"chunk_min\": 2048, "
+                     "\"chunk_max\": 32768, \"compression_level\": 5, "
+                     "\"container_capacity\": 16777216";
+  if (frame_size) body += ", \"frame_size\": " + std::to_string(*frame_size);
+  return body + "}\n";
+}
+
+// Writes `bytes` as the configuration of a new repository directory.
+std::string WriteRepoConfig(const testing::ScratchDir& dir, const std::string& name,
+                            const std::string& bytes) {
+  std::string path = dir.Sub(name);
+  std::filesystem::create_directories(path + "/vms");
+  std::ofstream out(path + "/vmdedup-repo", std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  return path;
+}
+
+std::string ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+TEST(RepositoryTest, CreateWritesFormatVersion2AndTheFrameSize) {
+  testing::ScratchDir dir;
+  RepoConfig defaults;
+  EXPECT_EQ(defaults.format_version, 2u);
+  EXPECT_EQ(defaults.frame_size, 65536u);
+  auto repo = Repository::Create(dir.Sub("repo"), defaults);
+  ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+  EXPECT_EQ((*repo)->config().format_version, 2u);
+  EXPECT_EQ((*repo)->config().frame_size, 65536u);
+  // The file itself, as documented.
+  std::string file = ReadWholeFile(dir.Sub("repo") + "/vmdedup-repo");
+  ASSERT_GE(file.size(), 16u);
+  EXPECT_EQ(file.substr(0, 8), "VMDDREPO");
+  const auto* p = reinterpret_cast<const uint8_t*>(file.data());
+  const uint32_t len = DecodeU32(p + 8);
+  ASSERT_EQ(file.size(), 16u + len);
+  EXPECT_EQ(DecodeU32(p + 12 + len), crc32c::Mask(crc32c::Value(p, 12 + len)));
+  std::string body = file.substr(12, len);
+  EXPECT_NE(body.find("\"format_version\": 2"), std::string::npos) << body;
+  EXPECT_NE(body.find("\"frame_size\": 65536"), std::string::npos) << body;
+  auto opened = Repository::Open(dir.Sub("repo"));
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  EXPECT_EQ((*opened)->config().format_version, 2u);
+  EXPECT_EQ((*opened)->config().frame_size, 65536u);
+
+  // A chosen frame size round-trips; Create always writes the current
+  // format version.
+  int n = 0;
+  for (uint32_t frame_size : {0u, 4096u, 8192u, 1u << 20}) {
+    for (uint32_t version : {1u, 2u}) {
+      RepoConfig cfg;
+      cfg.frame_size = frame_size;
+      cfg.format_version = version;
+      std::string path = dir.Sub("r" + std::to_string(n++));
+      auto created = Repository::Create(path, cfg);
+      ASSERT_TRUE(created.ok()) << frame_size << ": " << created.status().ToString();
+      EXPECT_EQ((*created)->config().frame_size, frame_size);
+      EXPECT_EQ((*created)->config().format_version, 2u);
+      auto back = Repository::Open(path);
+      ASSERT_TRUE(back.ok()) << frame_size << ": " << back.status().ToString();
+      EXPECT_EQ((*back)->config().frame_size, frame_size);
+      EXPECT_EQ((*back)->config().format_version, 2u);
+    }
+  }
+}
+
+TEST(RepositoryTest, FrameSizeOutOfRangeIsRefused) {
+  testing::ScratchDir dir;
+  RepoConfig cfg;
+  for (uint32_t ok_size : {0u, 4096u, 65536u, 1u << 20}) {
+    cfg.frame_size = ok_size;
+    EXPECT_TRUE(ValidateRepoConfig(cfg).ok()) << ok_size;
+  }
+  int n = 0;
+  for (uint32_t bad_size : {1u, 1000u, 4095u, (1u << 20) + 1, 2u << 20, UINT32_MAX}) {
+    cfg.frame_size = bad_size;
+    EXPECT_TRUE(ValidateRepoConfig(cfg).IsInvalidArgument()) << bad_size;
+    std::string path = dir.Sub("bad" + std::to_string(n++));
+    Status st = Repository::Create(path, cfg).status();
+    EXPECT_TRUE(st.IsInvalidArgument()) << bad_size << ": " << st.ToString();
+    EXPECT_FALSE(std::filesystem::exists(path + "/vmdedup-repo")) << bad_size;
+  }
+  // A format version 1 repository has no frames.
+  cfg.format_version = 1;
+  cfg.frame_size = 4096;
+  EXPECT_TRUE(ValidateRepoConfig(cfg).IsInvalidArgument());
+  cfg.frame_size = 0;
+  EXPECT_TRUE(ValidateRepoConfig(cfg).ok());
+}
+
+TEST(RepositoryTest, ConfigurationVersions) {
+  testing::ScratchDir dir;
+  // Version 1, made before frame records: no frame_size, reads as 0.
+  std::string v1 = WriteRepoConfig(dir, "v1", ConfigFileBytes(ConfigBody(1, std::nullopt)));
+  auto repo = Repository::Open(v1);
+  ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+  const RepoConfig& c = (*repo)->config();
+  EXPECT_EQ(c.format_version, 1u);
+  EXPECT_EQ(c.frame_size, 0u);
+  EXPECT_EQ(c.repo_id, "0123456789abcdef");
+  EXPECT_EQ(c.segment_size, 1u << 20);
+  EXPECT_EQ(c.chunker.kind, ChunkerKind::kCdc);
+  EXPECT_EQ(c.chunker.avg_size, 8192u);
+  EXPECT_EQ(c.chunker.min_size, 2048u);
+  EXPECT_EQ(c.chunker.max_size, 32768u);
+  EXPECT_EQ(c.compression_level, 5);
+  EXPECT_EQ(c.container_capacity, 16u << 20);
+  // Opening does not rewrite it.
+  EXPECT_EQ(ReadWholeFile(v1 + "/vmdedup-repo"), ConfigFileBytes(ConfigBody(1, std::nullopt)));
+
+  // Version 2 with a frame size (the hand-written file is right).
+  std::string v2 = WriteRepoConfig(dir, "v2", ConfigFileBytes(ConfigBody(2, 8192)));
+  repo = Repository::Open(v2);
+  ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+  EXPECT_EQ((*repo)->config().format_version, 2u);
+  EXPECT_EQ((*repo)->config().frame_size, 8192u);
+  std::string v2zero = WriteRepoConfig(dir, "v2zero", ConfigFileBytes(ConfigBody(2, 0)));
+  repo = Repository::Open(v2zero);
+  ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+  EXPECT_EQ((*repo)->config().frame_size, 0u);
+
+  // A newer vmdedup's repository.
+  for (uint32_t version : {3u, 4u, 1000u}) {
+    std::string path = WriteRepoConfig(dir, "v" + std::to_string(version),
+                                       ConfigFileBytes(ConfigBody(version, 65536)));
+    Status st = Repository::Open(path).status();
+    EXPECT_EQ(st.code(), Status::Code::kNotSupported) << version << ": " << st.ToString();
+  }
+  std::string v0 = WriteRepoConfig(dir, "v0", ConfigFileBytes(ConfigBody(0, std::nullopt)));
+  EXPECT_FALSE(Repository::Open(v0).ok());
+
+  // Version 2 without frame_size is damaged.
+  std::string missing =
+      WriteRepoConfig(dir, "missing", ConfigFileBytes(ConfigBody(2, std::nullopt)));
+  Status st = Repository::Open(missing).status();
+  EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+  // Version 2 with a frame size out of range is refused.
+  for (uint32_t bad : {1000u, 2u << 20}) {
+    std::string path =
+        WriteRepoConfig(dir, "bad" + std::to_string(bad), ConfigFileBytes(ConfigBody(2, bad)));
+    EXPECT_FALSE(Repository::Open(path).ok()) << bad;
+  }
+  // Every byte of the configuration is checked.
+  std::string good = ConfigFileBytes(ConfigBody(1, std::nullopt));
+  for (size_t i = 0; i < good.size(); i += 7) {
+    std::string bad = good;
+    bad[i] = static_cast<char>(bad[i] ^ 0x20);
+    std::string path = WriteRepoConfig(dir, "flip", bad);
+    EXPECT_TRUE(Repository::Open(path).status().IsCorruption()) << "byte " << i;
+  }
 }
 
 // Busy names who holds the VM: a backup (the lock file's pid) or a reader

@@ -30,6 +30,7 @@
 #include <random>
 #include <thread>
 
+#include "base/encoding.h"
 #include "base/fingerprint.h"
 #include "base/subprocess.h"
 #include "engine/backup_job.h"
@@ -534,22 +535,41 @@ TEST_F(ServeTest, DamagedContainerFailsOnlyItsBlocksWithEio) {
   const std::string ctr = containers[0];
   std::string bytes = ReadFileBytes(ctr);
   ASSERT_GT(bytes.size(), 32u + 48u + 64u);
-  uint32_t payload_len;
-  std::memcpy(&payload_len, bytes.data() + 32 + 8, 4);
-  Fingerprint fp;
-  std::memcpy(fp.bytes.data(), bytes.data() + 32 + 12, 32);
-  // Which 4 KiB block of the disk it holds (the data is random: unique).
-  std::string image = ReadFileBytes(w().snap1_raw);
-  uint64_t damaged = UINT64_MAX;
-  for (uint64_t off = 0; off + 4096 <= image.size(); off += 4096) {
-    if (Sha256({reinterpret_cast<const uint8_t*>(image.data() + off), 4096}) == fp) {
-      damaged = off;
-      break;
+  // Its fingerprints: one (a block record) or a frame record's table.
+  const auto* rec = reinterpret_cast<const uint8_t*>(bytes.data()) + 32;
+  std::vector<Fingerprint> fps;
+  size_t payload_at = 0;
+  uint32_t payload_len = DecodeU32(rec + 8);
+  if (rec[1] == 1) {  // frame record: 16-byte header, n table entries of 36 bytes
+    const uint32_t n = DecodeU16(rec + 2);
+    ASSERT_GE(n, 2u);
+    for (uint32_t i = 0; i < n; i++) {
+      Fingerprint fp;
+      std::memcpy(fp.bytes.data(), rec + 16 + 36 * i, 32);
+      fps.push_back(fp);
     }
+    payload_at = 32 + 16 + 36 * n;
+  } else {
+    Fingerprint fp;
+    std::memcpy(fp.bytes.data(), rec + 12, 32);
+    fps.push_back(fp);
+    payload_at = 32 + 48;
   }
+  // Which 4 KiB blocks of the disk it holds (the data is random: unique),
+  // the record's blocks lie back to back in the disk.
+  std::string image = ReadFileBytes(w().snap1_raw);
+  auto locate = [&](const Fingerprint& fp) {
+    for (uint64_t off = 0; off + 4096 <= image.size(); off += 4096)
+      if (Sha256({reinterpret_cast<const uint8_t*>(image.data() + off), 4096}) == fp) return off;
+    return uint64_t{UINT64_MAX};
+  };
+  const uint64_t damaged = locate(fps.front());
   ASSERT_NE(damaged, UINT64_MAX);
+  const uint64_t damaged_end = damaged + 4096 * fps.size();
+  ASSERT_EQ(locate(fps.back()), damaged_end - 4096);
+  ASSERT_EQ(damaged / (2 * kMiB), (damaged_end - 1) / (2 * kMiB));
   // Flip one byte inside the record's payload.
-  bytes[32 + 48 + payload_len / 2] ^= 0x40;
+  bytes[payload_at + payload_len / 2] ^= 0x40;
   std::filesystem::permissions(ctr, std::filesystem::perms::owner_write,
                                std::filesystem::perm_options::add);
   WriteFileBytes(ctr, bytes);
@@ -559,9 +579,10 @@ TEST_F(ServeTest, DamagedContainerFailsOnlyItsBlocksWithEio) {
   auto qemu_io = [&](const std::string& cmd) {
     return RunCommand({"qemu-io", "-r", "-f", "raw", "-c", cmd, server.uri()});
   };
-  // The block next to it, in the same segment, still reads, with the right
-  // content: a small read decodes only the blocks it touches.
-  const uint64_t neighbour = damaged % (2 * kMiB) >= 4096 ? damaged - 4096 : damaged + 4096;
+  // The block next to the record's, in the same segment, still reads, with
+  // the right content: a small read decodes only the records it touches.
+  const uint64_t neighbour = damaged % (2 * kMiB) >= 4096 ? damaged - 4096 : damaged_end;
+  ASSERT_EQ(neighbour / (2 * kMiB), damaged / (2 * kMiB));
   auto near = qemu_io("read -v " + std::to_string(neighbour) + " 16");
   EXPECT_NE(near.out.find("read 16/16 bytes"), std::string::npos) << near.out << near.err;
   char near_dump[32];
@@ -570,10 +591,12 @@ TEST_F(ServeTest, DamagedContainerFailsOnlyItsBlocksWithEio) {
                 static_cast<unsigned char>(image[neighbour]),
                 static_cast<unsigned char>(image[neighbour + 1]));
   EXPECT_NE(near.out.find(near_dump), std::string::npos) << near.out;
-  // The damaged range: EIO.
-  auto bad = qemu_io("read " + std::to_string(damaged) + " 4096");
-  EXPECT_NE(bad.out.find("Input/output error"), std::string::npos) << bad.out << bad.err;
-  EXPECT_EQ(bad.out.find("read 4096/4096 bytes"), std::string::npos) << bad.out;
+  // Every block of the damaged record: EIO.
+  for (uint64_t at : {damaged, damaged_end - 4096}) {
+    auto bad = qemu_io("read " + std::to_string(at) + " 4096");
+    EXPECT_NE(bad.out.find("Input/output error"), std::string::npos) << bad.out << bad.err;
+    EXPECT_EQ(bad.out.find("read 4096/4096 bytes"), std::string::npos) << bad.out;
+  }
   // Other segments read fine, with the right content.
   const uint64_t other = damaged < 16 * kMiB ? 20 * kMiB : 4 * kMiB;
   auto good = qemu_io("read -v " + std::to_string(other) + " 16");
