@@ -9,6 +9,7 @@
 #include <mutex>
 #include <optional>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "base/fingerprint.h"
 #include "engine/block_scan.h"
@@ -55,10 +56,12 @@ struct Frame {
 // claims its fingerprint with its segment's index; a later block with that
 // fingerprint (in that segment or a later one) is then referenced instead,
 // and Commit, which runs in segment order, finds where the claimed block went.
-// Two workers racing on one fingerprint may both store it (the earlier
-// segment's claim stands); nothing is ever referenced before it is stored.
-// Thread-safe; bounded to `max_entries` fingerprints (then nothing new is
-// claimed).
+// When a later segment's worker got to a fingerprint first, the earlier
+// segment takes the claim over and the later one is marked: its Commit
+// drops the block from its frames (TakeOverridden), so the earliest
+// occurrence is the one stored, as if the segments had been processed in
+// order. Nothing is ever referenced before it is stored. Thread-safe; bounded
+// to `max_entries` fingerprints (then nothing new is claimed).
 class RunIndex {
  public:
   explicit RunIndex(size_t max_entries) : max_entries_(max_entries) {}
@@ -73,8 +76,20 @@ class RunIndex {
       return false;
     }
     if (it->second.job <= job) return true;
-    it->second.job = job;  // a later segment got here first; this one stores it too
+    overridden_.insert(it->second.job);  // a later segment got here first
+    it->second.job = job;
     return false;
+  }
+  // The segment (by index) of the earliest claim on `fp`; UINT64_MAX: none.
+  uint64_t Claimant(const Fingerprint& fp) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(fp);
+    return it == entries_.end() ? UINT64_MAX : it->second.job;
+  }
+  // True (once) when an earlier segment took over a claim of segment `job`.
+  bool TakeOverridden(uint64_t job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return overridden_.erase(job) > 0;
   }
   // Where the block went; the first stored copy wins.
   void SetLocation(const BlockRef& where) {
@@ -119,6 +134,7 @@ class RunIndex {
   const size_t max_entries_;
   mutable std::mutex mu_;
   std::unordered_map<Fingerprint, Entry, FingerprintHash> entries_;
+  std::unordered_set<uint64_t> overridden_;
 };
 
 // What a segment job must do, in offset order: keep a parent block, record a
@@ -188,6 +204,11 @@ struct WorkerState {
   std::unique_ptr<Compressor> compressor;
   int level = 0;                // 0 is no zstd level vmdedup accepts: "not set up yet"
   std::vector<uint8_t> gather;  // a frame's blocks, when not adjacent in the buffer
+  void SetUp(int compression_level) {
+    if (level == compression_level) return;
+    compressor = std::make_unique<Compressor>(compression_level);
+    level = compression_level;
+  }
 };
 
 class BackupRun {
@@ -235,6 +256,7 @@ class BackupRun {
   WriteBatch pending_;
   size_t pending_recipes_ = 0;
   RunIndex run_index_;
+  WorkerState committer_;  // the main thread's, for frames made again in Commit
 
   std::deque<std::unique_ptr<SegmentJob>> queue_;
   // Recycled read buffers and compression arenas (main thread only): fresh
@@ -384,10 +406,7 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
 
 void BackupRun::Process(SegmentJob& job) {
   thread_local WorkerState ws;
-  if (ws.level != cfg_.compression_level) {
-    ws.compressor = std::make_unique<Compressor>(cfg_.compression_level);
-    ws.level = cfg_.compression_level;
-  }
+  ws.SetUp(cfg_.compression_level);
   std::unordered_map<Fingerprint, const BlockRef*, FingerprintHash> parent_blocks;
   if (job.parent) {
     parent_blocks.reserve(job.parent->blocks.size());
@@ -591,6 +610,21 @@ Status BackupRun::Commit(SegmentJob& job) {
     return Status::OK();
   }
   RETURN_IF_ERROR(job.status);
+  if (run_index_.TakeOverridden(job.index)) {
+    // An earlier segment stores some of this one's new blocks: reference
+    // them, and frame (and compress) the rest again, on this thread.
+    for (Piece& p : job.pieces) {
+      if (p.level == Level::kNew && run_index_.Claimant(p.ref.fingerprint) < job.index) {
+        p.level = Level::kBlock;
+        p.in_run = true;
+      }
+    }
+    job.members.clear();
+    job.frames.clear();
+    job.compressed.clear();
+    committer_.SetUp(cfg_.compression_level);
+    MakeFrames(job, committer_);
+  }
   SegmentRecipe recipe;
   recipe.length = job.length;
   for (const Frame& f : job.frames) RETURN_IF_ERROR(AppendFrame(job, f));

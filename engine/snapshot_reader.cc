@@ -119,7 +119,7 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
       // The blocks k..m-1 of the recipe that this record holds, and how much
       // of its plaintext they need.
       size_t m = k + 1;
-      while (m < j && blocks[m].offset == r.offset) m++;
+      while (m < j && blocks[m].offset == r.offset && blocks[m].record_len == r.record_len) m++;
       uint32_t need = 0;
       bool direct = true;  // blocks 0, 1, ... of the record, all inside the range
       uint32_t p = pos;

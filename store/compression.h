@@ -53,11 +53,12 @@ Status Decompress(Compression c, std::span<const uint8_t> payload, uint32_t raw_
 Status DecompressInto(Compression c, std::span<const uint8_t> payload, std::span<uint8_t> out,
                       const std::string& what);
 // The first out.size() bytes of a payload whose plaintext is `raw_len` bytes
-// (out.size() <= raw_len): zstd stops once `out` is full, so a block near the
-// start of a frame costs less than the whole frame. The payload's declared
-// size is checked; the rest of the frame is not decoded, so the caller
-// verifies what it got (the record's crc covers the payload, the
-// fingerprint the plaintext).
+// (out.size() <= raw_len), for a reader that must not write past them. zstd
+// stops after the zstd block that fills `out` (blocks hold up to 128 KiB; the
+// backup writes a frame as one, so this saves no decoding today). The
+// payload's declared size is checked; the rest of the frame is not decoded,
+// so the caller verifies what it got (the record's crc covers the payload,
+// the fingerprint the plaintext).
 Status DecompressPrefix(Compression c, std::span<const uint8_t> payload, uint32_t raw_len,
                         std::span<uint8_t> out, const std::string& what);
 

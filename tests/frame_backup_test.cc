@@ -5,7 +5,8 @@
 // with one block a frame keep the version 1 layout an older vmdedup reads;
 // small reads anywhere inside frames return the image's bytes; an
 // incremental that changes blocks inside a frame references the parent's
-// other blocks of that frame.
+// other blocks of that frame; blocks repeated across segments are stored
+// once, in the same frames, however many workers race on them.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -83,9 +84,8 @@ class FrameBackupTest : public ::testing::Test {
     return repo;
   }
 
-  // One thread: which copy of a repeated block is stored first is then fixed.
-  nlohmann::json Backup(const std::string& repo) {
-    auto r = Vmdedup({"backup", "-r", repo, "--vm", "vm1", "--disk", "vda", "--threads", "1",
+  nlohmann::json Backup(const std::string& repo, const std::string& threads = "1") {
+    auto r = Vmdedup({"backup", "-r", repo, "--vm", "vm1", "--disk", "vda", "--threads", threads,
                       "--json", "file:" + image_});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json();
@@ -249,6 +249,36 @@ TEST_F(FrameBackupTest, IncrementalKeepsTheUnchangedBlocksOfAFrame) {
   EXPECT_EQ(RestoreSha(repo, "vm1/vda/1"), sha1);
   EXPECT_EQ(RestoreSha(repo, "vm1/vda/2"), FileSha256(image_));
   ExpectCheckClean(repo);
+}
+
+TEST_F(FrameBackupTest, RepeatedBlocksAcrossSegmentsAreStoredOnceWhateverTheWorkers) {
+  // 12 segments, each: its own text, then the same 256 KiB of text at an
+  // offset that moves with the segment (whole 4 KiB blocks), then zeros.
+  // Neighbouring segments are processed at the same time by two workers.
+  const std::string shared = Text(256 * kKiB, 21);
+  content_.assign(24 * kMiB, '\0');
+  for (uint64_t seg = 0; seg < 12; seg++) {
+    const uint64_t base = seg * 2 * kMiB;
+    content_.replace(base, kMiB, Text(kMiB, 100 + seg));
+    content_.replace(base + kMiB + 4 * kKiB * seg, shared.size(), shared);
+  }
+  WriteImage();
+  auto one = Backup(Init("one", "64K"), "1");
+  ASSERT_FALSE(one.is_null());
+  EXPECT_EQ(one["block"].get<uint64_t>(), 11 * shared.size()) << one.dump();
+  for (int round = 0; round < 3; round++) {
+    const std::string repo = Init("two-" + std::to_string(round), "64K");
+    auto two = Backup(repo, "2");
+    ASSERT_FALSE(two.is_null());
+    for (const char* field : {"block", "new", "new_blocks", "stored"})
+      EXPECT_EQ(two[field], one[field]) << field << ", round " << round << "\n"
+                                        << two.dump() << "\n"
+                                        << one.dump();
+    if (round == 0) {
+      EXPECT_EQ(RestoreSha(repo, "vm1/vda/1"), FileSha256(image_));
+      ExpectCheckClean(repo);
+    }
+  }
 }
 
 }  // namespace
