@@ -138,14 +138,6 @@ Status CheckRecord(std::string_view record, const std::string& prefix, RecordHea
   return ParseRecordHeader(p, h, prefix);
 }
 
-void FillInfo(const RecordHeader& h, uint32_t offset, BlockRecordInfo* info) {
-  info->offset = offset;
-  info->record_len = static_cast<uint32_t>(kBlockRecordHeaderSize + h.payload_len);
-  info->raw_len = h.raw_len;
-  info->compression = static_cast<Compression>(h.compression);
-  info->fingerprint = h.fingerprint;
-}
-
 bool ValidCompression(uint8_t c) {
   return c == static_cast<uint8_t>(Compression::kNone) ||
          c == static_cast<uint8_t>(Compression::kZstd);
@@ -457,30 +449,6 @@ Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
   RETURN_IF_ERROR(CheckRecordFor(record, expected, what + ": ", &h));
   std::span<const uint8_t> payload(U8(record) + kBlockRecordHeaderSize, h.payload_len);
   return Decompress(static_cast<Compression>(h.compression), payload, h.raw_len, plaintext, what);
-}
-
-Status DecodeBlockRecordInto(std::string_view record, const Fingerprint* expected,
-                             std::span<uint8_t> out, const std::string& what) {
-  RecordHeader h;
-  RETURN_IF_ERROR(CheckRecordFor(record, expected, what + ": ", &h));
-  if (h.raw_len != out.size()) {
-    return Status::Corruption(what + ": block record holds " + std::to_string(h.raw_len) +
-                              " bytes, expected " + std::to_string(out.size()));
-  }
-  std::span<const uint8_t> payload(U8(record) + kBlockRecordHeaderSize, h.payload_len);
-  return DecompressInto(static_cast<Compression>(h.compression), payload, out, what);
-}
-
-Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
-                              const std::string& what) {
-  if (record.size() < kBlockRecordHeaderSize) {
-    return Status::Corruption(
-        what + ": block record header truncated: " + std::to_string(record.size()) + " bytes");
-  }
-  RecordHeader h;
-  RETURN_IF_ERROR(ParseRecordHeader(U8(record), &h, what + ": "));
-  FillInfo(h, 0, info);
-  return Status::OK();
 }
 
 Status ForEachBlockRecord(

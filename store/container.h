@@ -161,23 +161,14 @@ Status DecodeBlock(std::string_view record, uint32_t index, const Fingerprint* e
 // Does not re-hash the plaintext (see check --read-data).
 Status DecodeBlockRecord(std::string_view record, const Fingerprint* expected,
                          std::string* plaintext, const std::string& what);
-// The same, decompressing straight into `out`, which must hold exactly the
-// record's plaintext length (a different raw_len is Corruption).
-Status DecodeBlockRecordInto(std::string_view record, const Fingerprint* expected,
-                             std::span<uint8_t> out, const std::string& what);
-// Parses only a block record's header (checksum of the header is verified
-// together with the payload, so this is for listing, not trusting). Checks
-// the fields' bounds; `info->offset` is left 0 (unknown here). A frame
-// record is Corruption here.
-Status ParseBlockRecordHeader(std::string_view record, BlockRecordInfo* info,
-                              const std::string& what);
-
 // Validates a whole container (header and its id, trailer, every record's
 // checksum and fields, the record count; no frame record in a version 1
-// container) and calls `fn` for each record (block or frame) in order. Header and trailer are
-// checked before the first call, so a truncated container calls `fn` never; a corrupt record stops
-// the walk with Corruption after `fn` has seen the records before it. Payloads are not
-// decompressed. `fn` may return a non-OK Status to stop; that Status is returned.
+// container) and calls `fn` for each record (block or frame) in order.
+// Header and trailer are checked before the first call, so a truncated
+// container calls `fn` never; a corrupt record stops the walk with
+// Corruption after `fn` has seen the records before it. Payloads are not
+// decompressed. `fn` may return a non-OK Status to stop; that Status is
+// returned.
 Status ForEachBlockRecord(
     std::string_view container, uint64_t expected_id, const std::string& what,
     const std::function<Status(const BlockRecordInfo&, std::string_view record)>& fn);

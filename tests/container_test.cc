@@ -103,9 +103,10 @@ TEST(ContainerTest, RoundTripBothCompressions) {
     EXPECT_EQ(plain, c.blocks[i].plaintext);
     ASSERT_TRUE(DecodeBlockRecord(record, nullptr, &plain, "container t").ok());
     EXPECT_EQ(plain, c.blocks[i].plaintext);
-    BlockRecordInfo parsed;
-    ASSERT_TRUE(
-        ParseBlockRecordHeader(record.substr(0, kBlockRecordHeaderSize), &parsed, "t").ok());
+    RecordView view;
+    ASSERT_TRUE(RecordView::Parse(record, "t", &view).ok());
+    BlockRecordInfo parsed = view.info(want.offset);
+    EXPECT_EQ(parsed.block_count, 1u);
     EXPECT_EQ(parsed.record_len, want.record_len);
     EXPECT_EQ(parsed.raw_len, want.raw_len);
     EXPECT_EQ(parsed.fingerprint, want.fingerprint);
@@ -304,30 +305,29 @@ TEST(ContainerTest, EveryChangeAndTruncationOfARecordIsCorruption) {
   }
 }
 
-// DecodeBlockRecordInto (a reader decoding straight into its output): the
-// same bytes as DecodeBlockRecord, Corruption for a damaged record or an
-// output of the wrong size.
-TEST(ContainerTest, DecodeIntoMatchesDecodeAndChecksTheOutputSize) {
+// RecordView::DecodePrefix (a reader decoding straight into its output):
+// the same bytes as DecodeBlockRecord, never a byte past the output, a
+// refusal for an output longer than the block, Corruption for a damaged
+// record.
+TEST(ContainerTest, DecodeIntoTheOutputMatchesDecodeAndStaysInside) {
   SmallContainer c = MakeSmallContainer();
   for (const Block& b : c.blocks) {
     std::string record = c.bytes.substr(b.info.offset, b.info.record_len);
     std::vector<uint8_t> out(b.plaintext.size() + 1, 0xee);
     std::span<uint8_t> exact(out.data(), b.plaintext.size());
-    ASSERT_TRUE(DecodeBlockRecordInto(record, &b.info.fingerprint, exact, "t").ok());
+    RecordView view;
+    ASSERT_TRUE(RecordView::Parse(record, "t", &view).ok());
+    ASSERT_TRUE(view.DecodePrefix(exact, "t").ok());
     EXPECT_EQ(std::string(out.begin(), out.end() - 1), b.plaintext);
     EXPECT_EQ(out.back(), 0xee) << "wrote past the output";
-    Status longer = DecodeBlockRecordInto(record, nullptr, out, "container t");
-    EXPECT_TRUE(longer.IsCorruption());
+    Status longer = view.DecodePrefix(out, "container t");
+    EXPECT_FALSE(longer.ok());
     EXPECT_NE(longer.message().find("container t"), std::string::npos);
-    if (!b.plaintext.empty()) {
-      EXPECT_TRUE(DecodeBlockRecordInto(record, nullptr, exact.first(exact.size() - 1), "t")
-                      .IsCorruption());
-    }
     for (size_t i = 0; i < record.size(); i++) {
       std::string bad = record;
       bad[i] = static_cast<char>(bad[i] ^ 0x10);
-      ASSERT_TRUE(DecodeBlockRecordInto(bad, &b.info.fingerprint, exact, "t").IsCorruption())
-          << "byte " << i;
+      RecordView damaged;
+      ASSERT_TRUE(RecordView::Parse(bad, "t", &damaged).IsCorruption()) << "byte " << i;
     }
   }
 }
@@ -445,14 +445,14 @@ TEST(ContainerTest, FuzzNeverCrashesNorReturnsWrongData) {
   SmallContainer c = MakeSmallContainer();
   auto noop = [](const BlockRecordInfo&, std::string_view) { return Status::OK(); };
   std::string plain;
-  BlockRecordInfo info;
   for (int iter = 0; iter < 3000; iter++) {
     size_t len = rng() % 400;
     std::string garbage = RandomBytes(len, rng());
     Status a = ForEachBlockRecord(garbage, 42, "f", noop);
     EXPECT_TRUE(a.IsCorruption()) << a.ToString();
     EXPECT_TRUE(DecodeBlockRecord(garbage, nullptr, &plain, "f").IsCorruption());
-    (void)ParseBlockRecordHeader(garbage, &info, "f");  // may pass: it trusts nothing
+    RecordView view;
+    EXPECT_TRUE(RecordView::Parse(garbage, "f", &view).IsCorruption());
     std::string behind_header = c.bytes.substr(0, kContainerHeaderSize) + garbage;
     EXPECT_TRUE(ForEachBlockRecord(behind_header, 42, "f", noop).IsCorruption());
   }

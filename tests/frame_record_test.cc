@@ -494,8 +494,6 @@ TEST(FrameRecordTest, FindChecksFingerprintLengthAndIndex) {
   EXPECT_TRUE(DecodeBlock(brecord, 1, &bfp, &out, "t").IsCorruption());
   // The single-block decoders refuse a frame record.
   EXPECT_TRUE(DecodeBlockRecord(record, nullptr, &out, "t").IsCorruption());
-  BlockRecordInfo info;
-  EXPECT_TRUE(ParseBlockRecordHeader(record, &info, "t").IsCorruption());
 }
 
 // Every byte of a container with frame records is under a checksum: any
