@@ -256,7 +256,8 @@ class BackupRun {
   WriteBatch pending_;
   size_t pending_recipes_ = 0;
   RunIndex run_index_;
-  WorkerState committer_;  // the main thread's, for frames made again in Commit
+  WorkerState committer_;                 // the main thread's, for frames made again in Commit
+  std::vector<FrameBlock> frame_blocks_;  // AppendFrame's table, reused
 
   std::deque<std::unique_ptr<SegmentJob>> queue_;
   // Recycled read buffers and compression arenas (main thread only): fresh
@@ -577,12 +578,12 @@ Status BackupRun::AppendFrame(SegmentJob& job, const Frame& f) {
     const BlockRef& r = job.pieces[job.members[f.first]].ref;
     info = writer_.Append(r.fingerprint, r.length, f.compression, payload);
   } else {
-    std::vector<FrameBlock> blocks(f.count);
+    frame_blocks_.clear();
     for (uint32_t k = 0; k < f.count; k++) {
       const BlockRef& r = job.pieces[job.members[f.first + k]].ref;
-      blocks[k] = {r.fingerprint, r.length};
+      frame_blocks_.push_back({r.fingerprint, r.length});
     }
-    info = writer_.AppendFrame(blocks, f.compression, payload);
+    info = writer_.AppendFrame(frame_blocks_, f.compression, payload);
   }
   snap_.stats.stored += info.record_len;
   for (uint32_t k = 0; k < f.count; k++) {

@@ -68,7 +68,8 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
     if (b < e) std::memcpy(out + (b - begin), src + (b - pos), e - b);
   };
   std::string run_bytes;
-  thread_local std::vector<uint8_t> plain;  // blocks the range cuts, decoded
+  thread_local std::vector<uint8_t> plain;    // blocks the range cuts, decoded
+  thread_local std::vector<uint32_t> starts;  // of blocks k..m-1 in their record's plaintext
   uint32_t pos = 0;
   size_t i = 0;
   while (i < blocks.size() && pos < end) {
@@ -123,9 +124,11 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
       uint32_t need = 0;
       bool direct = true;  // blocks 0, 1, ... of the record, all inside the range
       uint32_t p = pos;
+      starts.clear();
       for (size_t t = k; t < m; t++) {
         auto blk = view.Find(blocks[t].index, &blocks[t].fingerprint, blocks[t].length, what);
         if (!blk.ok()) return blk.status().WithContext(context);
+        starts.push_back(blk->plain_offset);
         need = std::max(need, blk->plain_offset + blk->raw_len);
         direct = direct && blocks[t].index == t - k && p >= begin && p + blocks[t].length <= end;
         p += blocks[t].length;
@@ -143,8 +146,7 @@ Status SnapshotReader::DecodeRange(uint64_t index, const SegmentRecipe& recipe, 
       if (!st.ok()) return st.WithContext(context);
       for (size_t t = k; t < m; t++) {
         const BlockRef& ref = blocks[t];
-        const uint8_t* bytes =
-            direct ? out + (pos - begin) : src + view.block(ref.index).plain_offset;
+        const uint8_t* bytes = direct ? out + (pos - begin) : src + starts[t - k];
         if (hasher.Hash({bytes, ref.length}) != ref.fingerprint)
           return Status::Corruption(context + ": " + what + ": content of block " +
                                     std::to_string(ref.index) + " does not match fingerprint " +
