@@ -14,6 +14,7 @@
 #include "base/fingerprint.h"
 #include "engine/block_scan.h"
 #include "engine/chunker.h"
+#include "engine/container_sealer.h"
 #include "engine/thread_pool.h"
 #include "store/compression.h"
 #include "store/container.h"
@@ -21,10 +22,11 @@
 namespace vmdedup {
 namespace {
 
-constexpr uint64_t kWindowSegments = 64;       // extents are queried per window
-constexpr size_t kReadBatchBytes = 16u << 20;  // reads issued together
-constexpr size_t kMaxPendingRecipes = 512;     // recipes waiting for a container seal
-// In-run index of the new blocks stored so far (about 100 bytes an entry).
+constexpr uint64_t kWindowSegments = 64;        // extents are queried per window
+constexpr size_t kReadBatchBytes = 8u << 20;    // reads issued together
+constexpr size_t kMaxPendingRecipes = 512;      // recipes waiting for a container seal
+constexpr uint64_t kContainerIdsReserved = 16;  // container ids reserved at a time
+// In-run index of the new blocks stored so far (about 107 bytes an entry).
 constexpr size_t kMaxRunIndexEntries = 512u << 10;
 
 enum class Level { kZero, kSegment, kBlock, kCds, kNew };
@@ -220,6 +222,7 @@ class BackupRun {
         cfg_(repo.config()),
         writer_(0, cfg_.container_capacity),
         run_index_(kMaxRunIndexEntries),
+        sealer_(repo.objects(), vm.meta(), vm.vm()),
         pool_(std::max(1u, req.threads)) {}
 
   Result<SnapshotRecord> Run();
@@ -234,7 +237,6 @@ class BackupRun {
   Status FlushReads();
   Status AppendFrame(SegmentJob& job, const Frame& f);
   Status Seal();
-  Status WriteBatchCounted(WriteBatch& b, bool sync);
   void Report();
 
   Repository& repo_;
@@ -252,10 +254,14 @@ class BackupRun {
 
   ContainerWriter writer_;
   bool writer_has_id_ = false;
+  uint64_t next_container_id_ = 0;  // [next, end): reserved ids not used yet
+  uint64_t reserved_ids_end_ = 0;
   uint64_t next_segment_id_ = 1;
   WriteBatch pending_;
   size_t pending_recipes_ = 0;
   RunIndex run_index_;
+  // Stores sealed containers, then their metadata, while the run goes on.
+  ContainerSealer sealer_;
   WorkerState committer_;                 // the main thread's, for frames made again in Commit
   std::vector<FrameBlock> frame_blocks_;  // AppendFrame's table, reused
 
@@ -530,34 +536,30 @@ void BackupRun::MakeFrames(SegmentJob& job, WorkerState& ws) {
   }
 }
 
-Status BackupRun::WriteBatchCounted(WriteBatch& b, bool sync) {
-  snap_.stats.metadata += b.bytes();
-  Status st = vm_.meta()->Write(b, sync);
-  b.Clear();
-  return st.WithContext("write metadata of VM '" + vm_.vm() + "'");
-}
-
+// Hands the open container (if any) and the metadata waiting for it to the
+// sealer, which stores the container and then writes the batch while this
+// thread goes on.
 Status BackupRun::Seal() {
+  WriteBatch batch = std::move(pending_);
+  pending_.Clear();
+  pending_recipes_ = 0;
+  std::string object, bytes;
   if (!writer_.empty()) {
     ContainerRecord rec;
     rec.id = writer_.id();
     rec.block_count = writer_.block_count();
     rec.object = ContainerObjectName(vm_.vm(), rec.id);
     rec.written_by = req_.disk + "/" + std::to_string(snap_.seq);
-    std::string_view bytes = writer_.FinishInPlace();
+    bytes = writer_.Finish();
     rec.size = bytes.size();
-    Status st = repo_.objects()->Put(
-        rec.object, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
-    if (!st.ok()) return st.WithContext("store container " + rec.object);
+    object = rec.object;
     writer_has_id_ = false;
-    pending_.Put(ContainerKey(rec.id), EncodeContainerRecord(ContainerKey(rec.id), rec));
+    batch.Put(ContainerKey(rec.id), EncodeContainerRecord(ContainerKey(rec.id), rec));
   }
-  if (!pending_.empty()) {
-    pending_.Put(CounterKey("segment"), EncodeCounter(CounterKey("segment"), next_segment_id_));
-    RETURN_IF_ERROR(WriteBatchCounted(pending_, false));
-    pending_recipes_ = 0;
-  }
-  return Status::OK();
+  if (batch.empty()) return Status::OK();
+  batch.Put(CounterKey("segment"), EncodeCounter(CounterKey("segment"), next_segment_id_));
+  snap_.stats.metadata += batch.bytes();
+  return sealer_.Submit(std::move(object), std::move(bytes), std::move(batch));
 }
 
 Status BackupRun::AppendFrame(SegmentJob& job, const Frame& f) {
@@ -569,8 +571,11 @@ Status BackupRun::AppendFrame(SegmentJob& job, const Frame& f) {
   };
   if (writer_has_id_ && !fits()) RETURN_IF_ERROR(Seal());
   if (!writer_has_id_) {
-    ASSIGN_OR_RETURN(uint64_t id, vm_.AllocateContainerId());
-    writer_.Reset(id);
+    if (next_container_id_ == reserved_ids_end_) {  // one synced write per run of ids
+      ASSIGN_OR_RETURN(next_container_id_, vm_.AllocateContainerIds(kContainerIdsReserved));
+      reserved_ids_end_ = next_container_id_ + kContainerIdsReserved;
+    }
+    writer_.Reset(next_container_id_++, sealer_.TakeBuffer());
     writer_has_id_ = true;
   }
   BlockRecordInfo info;
@@ -719,7 +724,7 @@ Result<SnapshotRecord> BackupRun::Run() {
   auto start = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(Prepare());
   const uint64_t size = snap_.size;
-  const size_t max_queue = 4 * pool_.size() + 8;
+  const size_t max_queue = 4 * pool_.size() + 2;
   Status failure;
 
   auto commit_front = [&]() -> Status {
@@ -782,9 +787,11 @@ Result<SnapshotRecord> BackupRun::Run() {
   if (!failure.ok()) {
     pool_.Wait();  // workers may still reference queued jobs
     queue_.clear();
+    (void)sealer_.Drain();  // a sealer failure already is `failure` (Submit returned it)
     return failure;
   }
   RETURN_IF_ERROR(Seal());
+  RETURN_IF_ERROR(sealer_.Drain());
 
   auto end = std::chrono::steady_clock::now();
   snap_.duration_ms = static_cast<uint64_t>(

@@ -15,9 +15,10 @@
 // (or are handed to the caller to write with other disks': commit_into).
 //
 // Thread model: RunBackup is called from one thread; it uses `threads`
-// workers of its own for chunking, hashing and compression. Memory is bounded
-// by the in-flight segments (about 4 × threads + 8 segments), one container
-// buffer and 8 bytes per segment of the disk.
+// workers of its own for chunking, hashing and compression, and a sealer
+// thread that stores full containers and then their metadata. Memory is
+// bounded by the in-flight segments (about 4 × threads + 2 segments), two
+// container buffers and 8 bytes per segment of the disk.
 #pragma once
 
 #include <atomic>

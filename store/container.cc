@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cstring>
+#include <utility>
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
@@ -409,6 +410,13 @@ std::string_view ContainerWriter::FinishInPlace() {
   EncodeU32(t + kCrcOffset, crc32c::Mask(crc32c::Value(t, kCrcOffset)));
   buf_.append(reinterpret_cast<const char*>(t), sizeof(t));
   return buf_;
+}
+
+void ContainerWriter::Reset(uint64_t next_id, std::string buffer) {
+  buf_ = std::move(buffer);
+  buf_.clear();
+  buf_.reserve(capacity_);
+  Reset(next_id);
 }
 
 void ContainerWriter::Reset(uint64_t next_id) {

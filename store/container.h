@@ -96,6 +96,10 @@ class ContainerWriter {
   // writer: the view is valid until the next Reset, which must follow.
   std::string_view FinishInPlace();
   void Reset(uint64_t next_id);
+  // Reset, writing into `buffer` from now on (its bytes dropped, its capacity
+  // kept, at least the writer's capacity reserved): a caller that recycles
+  // the strings Finish returns spares growing a fresh buffer each container.
+  void Reset(uint64_t next_id, std::string buffer);
 
  private:
   uint64_t id_;

@@ -416,10 +416,11 @@ Result<uint64_t> VmStore::GetCounter(const std::string& name) {
   return v;
 }
 
-Result<uint64_t> VmStore::AllocateContainerId() {
+Result<uint64_t> VmStore::AllocateContainerIds(uint64_t n) {
+  if (n == 0) return Status::InvalidArgument("reserve 0 container ids");
   ASSIGN_OR_RETURN(uint64_t id, GetCounter("container"));
   WriteBatch b;
-  b.Put(CounterKey("container"), EncodeCounter(CounterKey("container"), id + 1));
+  b.Put(CounterKey("container"), EncodeCounter(CounterKey("container"), id + n));
   RETURN_IF_ERROR(meta_->Write(b, true));
   return id;
 }

@@ -121,7 +121,10 @@ class VmStore {
   Result<uint64_t> GetCounter(const std::string& name);  // 1 when never set
 
   // Reserves a container id durably, so that no two objects ever share one.
-  Result<uint64_t> AllocateContainerId();
+  Result<uint64_t> AllocateContainerId() { return AllocateContainerIds(1); }
+  // Reserves ids [first, first + n) with one synced write and returns first.
+  // Ids reserved but never used are simply skipped: ids need not be dense.
+  Result<uint64_t> AllocateContainerIds(uint64_t n);
 
  private:
   friend class Repository;

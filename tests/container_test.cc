@@ -176,6 +176,19 @@ TEST(ContainerTest, EmptyContainerAndReuse) {
   EXPECT_EQ(w.size(), kContainerHeaderSize);
   ASSERT_TRUE(ReadAll(w.Finish(), 100, &plains).ok());
   EXPECT_TRUE(plains.empty());
+
+  // Reset into a recycled buffer: its old bytes are gone, its allocation is
+  // kept when it holds the writer's capacity, and the container is the one a
+  // fresh writer makes.
+  c8.reserve(4096);
+  const char* storage = c8.data();
+  w.Reset(8, std::move(c8));
+  w.Append(Fp(data), 5, Compression::kNone, Bytes(data));
+  std::string again = w.Finish();
+  EXPECT_EQ(again.data(), storage);
+  ContainerWriter fresh(8, 4096);
+  fresh.Append(Fp(data), 5, Compression::kNone, Bytes(data));
+  EXPECT_EQ(again, fresh.Finish());
 }
 
 TEST(ContainerTest, WrongIdIsCorruption) {

@@ -423,6 +423,12 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   auto third = (*again)->OpenVm("vm1", Repository::Access::kWrite);
   ASSERT_TRUE(third.ok()) << third.status().ToString();
   EXPECT_EQ(*(*third)->AllocateContainerId(), *b + 1);
+  // A run of ids is reserved with one write; the next id follows the run.
+  auto run = (*third)->AllocateContainerIds(16);
+  ASSERT_TRUE(run.ok());
+  EXPECT_EQ(*run, *b + 2);
+  EXPECT_EQ(*(*third)->AllocateContainerId(), *run + 16);
+  EXPECT_TRUE((*third)->AllocateContainerIds(0).status().IsInvalidArgument());
   auto vms = (*again)->ListVms();
   ASSERT_TRUE(vms.ok());
   EXPECT_EQ(*vms, std::vector<std::string>{"vm1"});
