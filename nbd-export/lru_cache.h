@@ -33,6 +33,7 @@ struct LruCacheStats {
   uint64_t misses = 0;  // loaded by this caller
   uint64_t waits = 0;   // joined another caller's load of the same key
   uint64_t evictions = 0;
+  uint64_t dropped = 0;  // removed by Erase
   uint64_t load_errors = 0;
   uint64_t entries = 0;
   uint64_t bytes = 0;  // cost of what is kept now
@@ -99,6 +100,27 @@ class LruCache {
     }
     flight->cv.notify_all();
     return loaded;
+  }
+
+  // Drops `key` if it is cached as `value` (readers holding the value keep
+  // it); another value cached under `key` since, or a load in flight, is not
+  // affected. Counted as `dropped`, not as an eviction.
+  void Erase(uint64_t key, const V* value) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(key);
+    if (it == map_.end() || it->second.value.get() != value) return;
+    bytes_ -= it->second.cost;
+    lru_.erase(it->second.pos);
+    map_.erase(it);
+    stats_.dropped++;
+  }
+
+  // The cached value, or null; changes neither the LRU order nor the
+  // statistics.
+  Ptr Peek(uint64_t key) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(key);
+    return it == map_.end() ? nullptr : it->second.value;
   }
 
   // True when `key` is cached or being loaded; changes neither the LRU order

@@ -117,9 +117,11 @@ void Cleanup() {
     nbdkit_debug("served %" PRIu64 " reads (%" PRIu64 " bytes, %" PRIu64
                  " failed); decoded %" PRIu64 " segments and %" PRIu64
                  " small reads block by block; segment cache %" PRIu64 " hits, %" PRIu64
-                 " misses, %" PRIu64 " joined, %" PRIu64 " evictions",
+                 " misses, %" PRIu64 " joined, %" PRIu64 " evictions, %" PRIu64
+                 " dropped behind a sequential reader",
                  st.reads, st.read_bytes, st.read_errors, st.decoded_segments, st.range_reads,
-                 st.segments.hits, st.segments.misses, st.segments.waits, st.segments.evictions);
+                 st.segments.hits, st.segments.misses, st.segments.waits, st.segments.evictions,
+                 st.segments.dropped);
   }
   g_export.reset();
   g_cleaned_up = true;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <tuple>
 
 #include "base/fingerprint.h"
 
@@ -13,6 +14,9 @@ constexpr uint64_t kMinLayoutCacheBytes = 1u << 20;
 // Reads up to this size that do not continue the previous read decode only
 // the blocks they touch on a cache miss.
 constexpr uint64_t kRangeReadMax = 64u << 10;
+// A reader that skipped a hole of up to this many all-zero segments (a client
+// following the extents) is still sequential.
+constexpr uint64_t kMaxHoleSegments = 256;
 
 // Holds one of the decode slots for its lifetime.
 class SlotGuard {
@@ -71,6 +75,7 @@ SnapshotExport::SnapshotExport(std::unique_ptr<Repository> repo, std::unique_ptr
                         sizeof(BlockRef) * uint64_t{l.recipe.blocks.size()};
                }),
       readahead_(options.readahead) {
+  dropped_.fill({UINT64_MAX, 0});
   decoders_ = options.decoders;
   if (decoders_ == 0) decoders_ = std::max(2u, std::thread::hardware_concurrency());
   decode_slots_ = std::make_unique<std::counting_semaphore<>>(decoders_);
@@ -112,6 +117,7 @@ Result<std::shared_ptr<const SnapshotExport::Layout>> SnapshotExport::GetLayout(
     uint32_t pos = 0;
     for (const BlockRef& b : recipe.blocks) {
       if (b.kind != BlockKind::kZero) {
+        layout->data_bytes += b.length;
         if (!layout->data.empty() && layout->data.back().second == pos)
           layout->data.back().second = pos + b.length;
         else
@@ -125,13 +131,19 @@ Result<std::shared_ptr<const SnapshotExport::Layout>> SnapshotExport::GetLayout(
 }
 
 Result<std::shared_ptr<const SnapshotExport::Decoded>> SnapshotExport::GetSegment(
-    uint64_t index, const Layout& layout) {
+    uint64_t index, const std::shared_ptr<const Layout>& layout_ptr, bool sequential) {
+  const Layout& layout = *layout_ptr;
   return segments_.GetOrLoad(index, [&]() -> Result<std::shared_ptr<const Decoded>> {
     thread_local Sha256Hasher hasher;
     auto d = std::make_shared<Decoded>();
     d->length = reader_->SegmentLength(index);
     d->bytes = pool_->Get();
     d->pool = pool_;
+    if (sequential) d->streamed = layout_ptr;
+    {
+      std::lock_guard<std::mutex> lock(dropped_mu_);
+      d->loaded_at = drops_;
+    }
     Status st;
     {
       SlotGuard slot(*decode_slots_);
@@ -163,13 +175,16 @@ Status SnapshotExport::Read(uint8_t* buf, uint64_t count, uint64_t offset) {
     const uint32_t in = static_cast<uint32_t>(offset % seg_size);
     const uint32_t n =
         static_cast<uint32_t>(std::min<uint64_t>(count, reader_->SegmentLength(index) - in));
-    // A sequential reader (the segment before is cached): decode ahead.
-    if (readahead_ > 0 && segment_ids_[index] != 0 && index > 0 && segments_.Contains(index - 1))
-      ReadAhead(index);
+    // A sequential reader (the data segment before, across a hole of up to
+    // kMaxHoleSegments, is cached or being decoded, or was dropped behind
+    // it): decode ahead, and drop behind.
+    const bool sequential = segment_ids_[index] != 0 && IsSequential(index);
+    if (sequential && readahead_ > 0) ReadAhead(index);
     if (segment_ids_[index] == 0) {
       std::memset(buf, 0, n);
     } else if (auto hit = segments_.Find(index)) {
       std::memcpy(buf, hit->bytes.get() + in, n);
+      Served(index, *hit, in, n);
     } else {
       auto layout = GetLayout(index);
       if (!layout.ok()) {
@@ -189,12 +204,13 @@ Status SnapshotExport::Read(uint8_t* buf, uint64_t count, uint64_t offset) {
           return st;
         }
       } else {
-        auto seg = GetSegment(index, **layout);
+        auto seg = GetSegment(index, *layout, sequential);
         if (!seg.ok()) {
           read_errors_++;
           return seg.status();
         }
         std::memcpy(buf, (*seg)->bytes.get() + in, n);
+        Served(index, **seg, in, n);
       }
     }
     buf += n;
@@ -208,17 +224,28 @@ Status SnapshotExport::Read(uint8_t* buf, uint64_t count, uint64_t offset) {
 void SnapshotExport::ReadAhead(uint64_t index) {
   // Read-ahead results live in the cache: pointless when it cannot hold them.
   if (segments_.budget() < (readahead_ + 2) * uint64_t{snapshot().segment_size}) return;
+  // Segments dropped since segment `index` was decoded were read by another
+  // connection already: the readers are past them.
+  uint64_t now;
+  {
+    std::lock_guard<std::mutex> lock(dropped_mu_);
+    now = drops_;
+  }
+  const auto current = segments_.Peek(index);
+  const uint64_t since = current ? current->loaded_at : now;
   std::vector<uint64_t> wanted;
   for (uint64_t i = index + 1; i <= index + readahead_ && i < segment_ids_.size(); i++)
-    if (segment_ids_[i] != 0 && !segments_.Contains(i)) wanted.push_back(i);
+    if (segment_ids_[i] != 0 && !segments_.Contains(i) && !RecentlyDropped(i, since))
+      wanted.push_back(i);
   if (wanted.empty()) return;
   {
     std::lock_guard<std::mutex> lock(ra_mu_);
     if (ra_stop_) return;
     for (uint64_t i : wanted) {
       if (ra_queue_.size() >= 4 * readahead_) break;
-      if (std::find(ra_queue_.begin(), ra_queue_.end(), i) == ra_queue_.end())
-        ra_queue_.push_back(i);
+      if (std::find_if(ra_queue_.begin(), ra_queue_.end(),
+                       [&](const auto& q) { return q.first == i; }) == ra_queue_.end())
+        ra_queue_.push_back({i, now});
     }
     if (ra_threads_.empty())
       for (unsigned i = 0; i < decoders_; i++)
@@ -229,20 +256,54 @@ void SnapshotExport::ReadAhead(uint64_t index) {
 
 void SnapshotExport::ReadAheadWorker() {
   for (;;) {
-    uint64_t index;
+    uint64_t index, queued_at;
     {
       std::unique_lock<std::mutex> lock(ra_mu_);
       ra_cv_.wait(lock, [&] { return ra_stop_ || !ra_queue_.empty(); });
       if (ra_stop_) return;
-      index = ra_queue_.front();
+      std::tie(index, queued_at) = ra_queue_.front();
       ra_queue_.pop_front();
     }
-    if (segments_.Contains(index)) continue;
+    // Already there, or read and dropped since it was queued (the reader
+    // overtook the read-ahead): nothing to do.
+    if (segments_.Contains(index) || RecentlyDropped(index, queued_at)) continue;
     auto layout = GetLayout(index);
     if (!layout.ok() || (*layout)->data.empty()) continue;
     // Errors are not cached: the client's own read reports them.
-    if (GetSegment(index, **layout).ok()) ra_decoded_++;
+    if (GetSegment(index, *layout, true).ok()) ra_decoded_++;
   }
+}
+
+void SnapshotExport::Served(uint64_t index, const Decoded& seg, uint32_t in, uint32_t n) {
+  if (!seg.streamed) return;
+  uint64_t covered = 0;
+  for (const auto& [b, e] : seg.streamed->data) {
+    const uint32_t lo = std::max(b, in), hi = std::min(e, in + n);
+    if (lo < hi) covered += hi - lo;
+  }
+  if (covered == 0) return;
+  const uint64_t all = seg.streamed->data_bytes;
+  const uint64_t before = seg.served.fetch_add(covered);
+  if (before >= all || before + covered < all) return;  // not the read that completes it
+  segments_.Erase(index, &seg);
+  std::lock_guard<std::mutex> lock(dropped_mu_);
+  dropped_[drops_ % dropped_.size()] = {index, drops_};
+  drops_++;
+}
+
+bool SnapshotExport::IsSequential(uint64_t index) {
+  uint64_t prev = index;
+  for (uint64_t skipped = 0; prev > 0 && skipped <= kMaxHoleSegments; skipped++) {
+    prev--;
+    if (segment_ids_[prev] != 0) return segments_.Contains(prev) || RecentlyDropped(prev);
+  }
+  return false;
+}
+
+bool SnapshotExport::RecentlyDropped(uint64_t index, uint64_t since) {
+  std::lock_guard<std::mutex> lock(dropped_mu_);
+  return std::any_of(dropped_.begin(), dropped_.end(),
+                     [&](const auto& d) { return d.first == index && d.second >= since; });
 }
 
 Status SnapshotExport::Extents(uint64_t offset, uint64_t count, bool first_only,

@@ -16,11 +16,18 @@
 // (segment id 0) and the zero blocks of a segment are zero (hole|zero), all
 // else is data. The zero/data layout of recently used segments is cached too.
 //
-// Read-ahead: a read of segment i while segment i-1 is cached (a sequential
-// reader: a copy, QEMU's block-stream) queues the decode of the next
-// `readahead` segments on background threads (`decoders` of them), so that
-// decoding runs on every core and overlaps the sending of data. Random
-// readers do not trigger it.
+// Read-ahead: a read of segment i while the data segment before it (across a
+// hole a client following the extents skipped) is cached or was just
+// dropped behind (a sequential reader: a copy, QEMU's block-stream) queues
+// the decode of the next `readahead` segments on background threads
+// (`decoders` of them), so that decoding runs on every core and overlaps the
+// sending of data. Random readers do not trigger it.
+//
+// Drop-behind: a segment decoded for a sequential reader (by read-ahead or by
+// the reader itself) leaves the cache once reads have covered all its data, so that a sequential
+// pass over a large disk neither fills the cache (faulting in cache_bytes of fresh memory) nor
+// pushes out the segments that random readers use; its buffer goes back to
+// the pool for the next decode.
 //
 // Memory: at most cache_bytes of decoded segments, plus one segment buffer
 // per decode in progress (at most `decoders` at a time), plus a pool of up
@@ -35,6 +42,7 @@
 // a backup of the same VM gets Busy meanwhile.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -104,24 +112,42 @@ class SnapshotExport {
 
  private:
   class BufferPool;
-  struct Decoded {
-    std::unique_ptr<uint8_t[]> bytes;
-    uint32_t length = 0;
-    std::shared_ptr<BufferPool> pool;  // gets `bytes` back
-    ~Decoded();
-  };
   // Data (non-zero) ranges of a segment, relative to its start, sorted, and
   // its recipe (for reads of a few blocks).
   struct Layout {
     std::vector<std::pair<uint32_t, uint32_t>> data;
+    uint32_t data_bytes = 0;  // their total
     SegmentRecipe recipe;
+  };
+  struct Decoded {
+    std::unique_ptr<uint8_t[]> bytes;
+    uint32_t length = 0;
+    std::shared_ptr<BufferPool> pool;  // gets `bytes` back
+    // Decoded for a sequential reader: dropped once `served` (bytes of its data ranges
+    // read so far, repeats counted) reaches the layout's data_bytes.
+    std::shared_ptr<const Layout> streamed;
+    mutable std::atomic<uint64_t> served{0};
+    uint64_t loaded_at = 0;  // drops_ when its decode began
+    ~Decoded();
   };
 
   SnapshotExport(std::unique_ptr<Repository> repo, std::unique_ptr<VmStore> vm,
                  const ExportOptions& options);
   Result<std::shared_ptr<const Layout>> GetLayout(uint64_t index);
-  // Decodes segment `index` whole (cached), from the recipe in its layout.
-  Result<std::shared_ptr<const Decoded>> GetSegment(uint64_t index, const Layout& layout);
+  // Decodes segment `index` whole (cached), from the recipe in its layout;
+  // `sequential`: for a sequential reader (the segment is dropped behind it).
+  Result<std::shared_ptr<const Decoded>> GetSegment(uint64_t index,
+                                                    const std::shared_ptr<const Layout>& layout,
+                                                    bool sequential);
+  // Counts a read of seg[in, in + n) and drops a read-ahead segment once its
+  // data has been read.
+  void Served(uint64_t index, const Decoded& seg, uint32_t in, uint32_t n);
+  // True when the data segment before `index` is cached, being decoded or
+  // was dropped behind a reader lately: a sequential reader.
+  bool IsSequential(uint64_t index);
+  // True when segment `index` was dropped behind a reader lately (as drop
+  // number `since` or later).
+  bool RecentlyDropped(uint64_t index, uint64_t since = 0);
   // Queues segments after `index` for read-ahead.
   void ReadAhead(uint64_t index);
   void ReadAheadWorker();
@@ -138,7 +164,9 @@ class SnapshotExport {
   const unsigned readahead_;
   std::mutex ra_mu_;
   std::condition_variable ra_cv_;
-  std::deque<uint64_t> ra_queue_;
+  // Segments to decode ahead, with drops_ when queued: one dropped since
+  // was read already (the reader overtook the read-ahead) and is skipped.
+  std::deque<std::pair<uint64_t, uint64_t>> ra_queue_;
   // Started at the first read-ahead (after nbdkit forked): one per decoder,
   // so that a sequential reader's next segments decode on all cores.
   std::vector<std::thread> ra_threads_;
@@ -147,6 +175,11 @@ class SnapshotExport {
       range_reads_{0};
   // Where the latest read ended: a read starting there is sequential.
   std::atomic<uint64_t> last_read_end_{UINT64_MAX};
+  // The segments dropped behind readers lately (a ring), so that a
+  // sequential reader is still recognised after its last segment left.
+  std::mutex dropped_mu_;
+  std::array<std::pair<uint64_t, uint64_t>, 16> dropped_{};  // (segment, drop number)
+  uint64_t drops_ = 0;  // segments dropped so far; guarded by dropped_mu_
 };
 
 }  // namespace vmdedup

@@ -960,6 +960,56 @@ TEST_F(ServeTest, SnapshotExportParallelReadsWithinTheCacheBudget) {
   }
 }
 
+// A sequential pass does not fill the cache: segments decoded for it leave
+// once their data has been read (across the image's holes too), while a
+// random reader's segments stay.
+TEST_F(ServeTest, SequentialReaderDropsSegmentsBehindIt) {
+  const std::string image = ReadFileBytes(w().snap1_raw);
+  ExportOptions options;
+  options.cache_bytes = 64 * kMiB;  // room for every segment
+  std::vector<uint8_t> buf(256 * kKiB);
+  {
+    auto e = SnapshotExport::Open(w().repo, "vm1/vda/1", options);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    // Data segments 0-3 and 5-11; segment 4 (8-10 MiB) is a hole, skipped
+    // as a client following the extents would.
+    uint64_t readahead_before = 0;
+    for (int pass = 0; pass < 2; pass++) {
+      for (uint64_t off = 0; off < 24 * kMiB; off += buf.size()) {
+        if (off >= 8 * kMiB && off < 10 * kMiB) continue;
+        ASSERT_TRUE((*e)->Read(buf.data(), buf.size(), off).ok());
+        ASSERT_EQ(std::memcmp(buf.data(), image.data() + off, buf.size()), 0) << off;
+      }
+      ExportStats st = (*e)->stats();
+      // All but segment 0 (nothing before it) left behind the reader, the
+      // one after the hole included.
+      EXPECT_EQ(st.segments.dropped, 10u * (pass + 1)) << pass;
+      EXPECT_LE(st.segments.bytes, 2 * kMiB) << pass;
+      EXPECT_EQ(st.segments.evictions, 0u);
+      // Read-ahead worked in both passes, and decoded (almost) nothing the
+      // reader had already left behind: 11 data segments, then 10 again.
+      EXPECT_GT(st.readahead_segments, readahead_before) << pass;
+      readahead_before = st.readahead_segments;
+      EXPECT_GE(st.decoded_segments, pass == 0 ? 11u : 21u);
+      EXPECT_LE(st.decoded_segments, pass == 0 ? 13u : 25u);
+    }
+  }
+  {
+    // A random reader: whole segments, none after the one before it.
+    auto e = SnapshotExport::Open(w().repo, "vm1/vda/1", options);
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    std::vector<uint8_t> seg(2 * kMiB);
+    for (uint64_t index : {10, 7, 2, 10, 7}) {
+      ASSERT_TRUE((*e)->Read(seg.data(), seg.size(), index * 2 * kMiB).ok());
+      ASSERT_EQ(std::memcmp(seg.data(), image.data() + index * 2 * kMiB, seg.size()), 0);
+    }
+    ExportStats st = (*e)->stats();
+    EXPECT_EQ(st.segments.dropped, 0u);
+    EXPECT_EQ(st.segments.bytes, 6 * kMiB);
+    EXPECT_EQ(st.segments.hits, 2u);
+  }
+}
+
 TEST(LruCacheTest, SingleFlightEvictionAndErrorsNotCached) {
   LruCache<std::string> cache(10, [](const std::string& s) { return uint64_t{s.size()}; });
   std::atomic<int> loads{0};
