@@ -25,9 +25,7 @@ using testing::ScratchDir;
 class WitnessMetadataStore final : public MetadataStore {
  public:
   explicit WitnessMetadataStore(ObjectStore* objects) : objects_(objects) {}
-  Status Get(std::string_view key, std::string* value) override {
-    return base_->Get(key, value);
-  }
+  Status Get(std::string_view key, std::string* value) override { return base_->Get(key, value); }
   Status Write(const WriteBatch& batch, bool sync) override {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [key, value] : batch.ops()) {
@@ -157,7 +155,7 @@ TEST(ContainerSealerTest, HandsStoredBuffersBackForReuse) {
   std::string back = sealer.TakeBuffer();
   EXPECT_TRUE(back.empty());
   EXPECT_GE(back.capacity(), size_t{1} << 20);
-  EXPECT_EQ(back.data(), storage);  // the same allocation
+  EXPECT_EQ(back.data(), storage);                                      // the same allocation
   EXPECT_EQ(sealer.TakeBuffer().capacity(), std::string().capacity());  // taken once
 }
 
