@@ -31,6 +31,23 @@ constexpr size_t kMaxRunIndexEntries = 512u << 10;
 
 enum class Level { kZero, kSegment, kBlock, kCds, kNew };
 
+// Bytes written back to back into storage allocated once, uninitialised, and
+// reused from job to job (fresh pages cost a page fault each).
+struct Arena {
+  std::unique_ptr<uint8_t[]> data;
+  size_t capacity = 0;
+  size_t size = 0;
+  // Empties the arena and makes room for at least `n` bytes.
+  void Reset(size_t n) {
+    if (n > capacity) {
+      data = std::make_unique_for_overwrite<uint8_t[]>(n);
+      capacity = n;
+    }
+    size = 0;
+  }
+  std::span<uint8_t> free_space() { return {data.get() + size, capacity - size}; }
+};
+
 // One entry of a segment's new recipe, in offset order.
 struct Piece {
   BlockRef ref;
@@ -163,9 +180,9 @@ struct SegmentJob {
   std::vector<uint32_t> members;  // indexes in `pieces` of the new blocks, frame by frame
   std::vector<Frame> frames;
   // The payloads of the job's frames that are not in the read buffer as they
-  // are, back to back. Each is at most its blocks' size, so read_bytes bounds
-  // the whole; reserved once.
-  std::string compressed;
+  // are, back to back; workers compress straight into it. Each is at most
+  // its blocks' size, so read_bytes bounds the whole.
+  Arena compressed;
   Status status;
   bool submitted = false;
   std::promise<void> done;
@@ -269,7 +286,7 @@ class BackupRun {
   // Recycled read buffers and compression arenas (main thread only): fresh
   // 2 MiB allocations would be page-faulted in again for every segment.
   std::vector<std::vector<uint8_t>> free_buffers_;
-  std::vector<std::string> free_arenas_;
+  std::vector<Arena> free_arenas_;
   std::vector<SegmentJob*> read_batch_;
   size_t read_batch_bytes_ = 0;
   ThreadPool pool_;
@@ -406,7 +423,9 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
       job.compressed = std::move(free_arenas_.back());
       free_arenas_.pop_back();
     }
-    job.compressed.reserve(job.read_bytes);
+    // Every payload is at most its blocks' size, and zstd wants room for
+    // its worst case: Bound of the largest frame more.
+    job.compressed.Reset(job.read_bytes + Compressor::Bound(kMaxBlockSize) - kMaxBlockSize);
   }
   return Status::OK();
 }
@@ -522,15 +541,17 @@ void BackupRun::MakeFrames(SegmentJob& job, WorkerState& ws) {
       }
       plain = {ws.gather.data(), raw};
     }
-    Compressor::View out = ws.compressor->CompressView(plain);
+    Compressor::View out = ws.compressor->CompressInto(plain, job.compressed.free_space());
     f.compression = out.compression;
     f.payload_len = static_cast<uint32_t>(out.bytes.size());
     if (out.compression == Compression::kNone && adjacent) {
       f.in_buffer = true;
       f.payload_offset = static_cast<uint32_t>(plain.data() - buf);
     } else {
-      f.payload_offset = static_cast<uint32_t>(job.compressed.size());
-      job.compressed.append(reinterpret_cast<const char*>(out.bytes.data()), out.bytes.size());
+      f.payload_offset = static_cast<uint32_t>(job.compressed.size);
+      if (out.compression == Compression::kNone)  // gathered blocks, stored as they are
+        std::memcpy(job.compressed.free_space().data(), out.bytes.data(), out.bytes.size());
+      job.compressed.size += out.bytes.size();
     }
     job.frames.push_back(f);
   }
@@ -563,8 +584,7 @@ Status BackupRun::Seal() {
 }
 
 Status BackupRun::AppendFrame(SegmentJob& job, const Frame& f) {
-  const uint8_t* base =
-      f.in_buffer ? job.buffer.data() : reinterpret_cast<const uint8_t*>(job.compressed.data());
+  const uint8_t* base = f.in_buffer ? job.buffer.data() : job.compressed.data.get();
   std::span<const uint8_t> payload(base + f.payload_offset, f.payload_len);
   auto fits = [&] {
     return f.count == 1 ? writer_.Fits(payload.size()) : writer_.FitsFrame(f.count, payload.size());
@@ -627,7 +647,7 @@ Status BackupRun::Commit(SegmentJob& job) {
     }
     job.members.clear();
     job.frames.clear();
-    job.compressed.clear();
+    job.compressed.size = 0;
     committer_.SetUp(cfg_.compression_level);
     MakeFrames(job, committer_);
   }
@@ -668,10 +688,7 @@ Status BackupRun::Commit(SegmentJob& job) {
   job.members.clear();
   job.frames.clear();
   if (job.buffer.capacity() > 0) free_buffers_.push_back(std::move(job.buffer));
-  if (job.read_bytes > 0) {
-    job.compressed.clear();
-    free_arenas_.push_back(std::move(job.compressed));
-  }
+  if (job.read_bytes > 0) free_arenas_.push_back(std::move(job.compressed));
   if (recipe.blocks.size() == 1 && recipe.blocks[0].kind == BlockKind::kZero) {
     segments_[job.index] = 0;  // all zero: no recipe
   } else if (job.parent && job.parent->length == recipe.length &&

@@ -4,6 +4,7 @@
 
 #include <zstd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 
@@ -24,6 +25,19 @@ Compressor::View Compressor::CompressView(std::span<const uint8_t> in) {
     size_t c = ZSTD_compressCCtx(ctx_, out_.get(), out_capacity_, in.data(), n, level_);
     // Keep the compressed form only when it saves at least 1/32 of the size.
     if (!ZSTD_isError(c) && c <= n - n / 32) return {Compression::kZstd, {out_.get(), c}};
+  }
+  return {Compression::kNone, in};
+}
+
+size_t Compressor::Bound(size_t n) { return ZSTD_compressBound(n); }
+
+Compressor::View Compressor::CompressInto(std::span<const uint8_t> in, std::span<uint8_t> out) {
+  const size_t n = in.size();
+  if (ctx_ != nullptr && n > 0) {
+    // zstd fails with dstSize_tooSmall when `out` is too small. Keep the
+    // compressed form only when it saves at least 1/32 of the size.
+    size_t c = ZSTD_compressCCtx(ctx_, out.data(), out.size(), in.data(), n, level_);
+    if (!ZSTD_isError(c) && c <= n - n / 32) return {Compression::kZstd, {out.data(), c}};
   }
   return {Compression::kNone, in};
 }

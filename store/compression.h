@@ -34,6 +34,13 @@ class Compressor {
     std::span<const uint8_t> bytes;
   };
   View CompressView(std::span<const uint8_t> in);
+  // The same choice, compressed straight into `out` (kZstd: a prefix of
+  // `out`); kNone (`in` itself) also when the compressed form does not fit.
+  // With Bound(in.size()) bytes of room the bytes are CompressView's; with
+  // less, zstd may store some literals uncompressed to fit.
+  View CompressInto(std::span<const uint8_t> in, std::span<uint8_t> out);
+  // The most bytes zstd may need for `n` bytes of input.
+  static size_t Bound(size_t n);
 
  private:
   ZSTD_CCtx_s* ctx_;

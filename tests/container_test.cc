@@ -534,6 +534,44 @@ TEST(CompressionTest, RoundTripAndFallback) {
   EXPECT_EQ(compressor.Compress(Bytes(mostly_random), &out), Compression::kNone);
 }
 
+// CompressInto makes the choice and the bytes of CompressView, straight into
+// the caller's buffer, and never writes past it.
+TEST(CompressionTest, CompressIntoMatchesCompressViewAndStaysInside) {
+  Compressor c(1);
+  std::string text;
+  for (int i = 0; i < 2000; i++) text += "line " + std::to_string(i % 37) + " of a log\n";
+  const std::string mixed = text.substr(0, 20000) + RandomBytes(20000, 11);
+  for (const std::string& plain : {text, mixed, RandomBytes(65536, 12), std::string("x")}) {
+    const std::span<const uint8_t> in = Bytes(plain);
+    Compressor::View want = c.CompressView(in);
+    const std::string want_bytes(reinterpret_cast<const char*>(want.bytes.data()),
+                                 want.bytes.size());
+    // Room for zstd's worst case, then a guard.
+    const size_t room = Compressor::Bound(plain.size());
+    std::vector<uint8_t> out(room + 64, 0xee);
+    Compressor::View got = c.CompressInto(in, std::span<uint8_t>(out).first(room));
+    EXPECT_EQ(got.compression, want.compression) << plain.size();
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(got.bytes.data()), got.bytes.size()),
+              want_bytes);
+    const uint8_t* where = got.compression == Compression::kZstd ? out.data() : in.data();
+    EXPECT_EQ(got.bytes.data(), where);
+    for (size_t i = room; i < out.size(); i++) ASSERT_EQ(out[i], 0xee) << i;
+  }
+  // Less room: still at most what keeping the compressed form allows.
+  std::vector<uint8_t> tight(text.size() / 8);
+  Compressor::View fitted = c.CompressInto(Bytes(text), tight);
+  ASSERT_EQ(fitted.compression, Compression::kZstd);
+  EXPECT_LE(fitted.bytes.size(), tight.size());
+  std::string back;
+  ASSERT_TRUE(Decompress(Compression::kZstd, fitted.bytes, text.size(), &back, "t").ok());
+  EXPECT_EQ(back, text);
+  // Too little room for the compressed form: stored as it is.
+  std::vector<uint8_t> small(100);
+  Compressor::View none = c.CompressInto(Bytes(text), small);
+  EXPECT_EQ(none.compression, Compression::kNone);
+  EXPECT_EQ(none.bytes.size(), text.size());
+}
+
 TEST(CompressionTest, WrongLengthOrBadPayloadIsCorruption) {
   Compressor compressor(3);
   std::string plain(5000, 'k'), z, out;
