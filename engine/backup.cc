@@ -26,7 +26,8 @@ constexpr uint64_t kWindowSegments = 64;        // extents are queried per windo
 constexpr size_t kReadBatchBytes = 8u << 20;    // reads issued together
 constexpr size_t kMaxPendingRecipes = 512;      // recipes waiting for a container seal
 constexpr uint64_t kContainerIdsReserved = 16;  // container ids reserved at a time
-// In-run index of the new blocks stored so far (about 107 bytes an entry).
+// In-run index of the new blocks stored so far (64 bytes an entry, 4 or 8 more
+// in its hash table).
 constexpr size_t kMaxRunIndexEntries = 512u << 10;
 
 enum class Level { kZero, kSegment, kBlock, kCds, kNew };
@@ -83,27 +84,36 @@ struct Frame {
 // to `max_entries` fingerprints (then nothing new is claimed).
 class RunIndex {
  public:
-  explicit RunIndex(size_t max_entries) : max_entries_(max_entries) {}
+  explicit RunIndex(size_t max_entries) : max_entries_(max_entries) {
+    // Virtual only: pages are touched (and counted) as entries are added.
+    entries_.reserve(max_entries_);
+    slots_.assign(kInitialSlots, kEmpty);
+  }
   // True: a block with this fingerprint is stored by segment `job` or an
   // earlier one (reference it). False: the caller stores it (and claims it
   // when there is room).
   bool ClaimOrFind(const Fingerprint& fp, uint64_t job) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = entries_.find(fp);
-    if (it == entries_.end()) {
-      if (entries_.size() < max_entries_) entries_.emplace(fp, Entry{.job = job});
+    uint32_t* slot = Slot(fp);
+    if (*slot == kEmpty) {
+      if (entries_.size() < max_entries_) {
+        *slot = static_cast<uint32_t>(entries_.size());
+        entries_.push_back(Entry{.fingerprint = fp, .job = job});
+        if (entries_.size() * 2 > slots_.size()) Grow();
+      }
       return false;
     }
-    if (it->second.job <= job) return true;
-    overridden_.insert(it->second.job);  // a later segment got here first
-    it->second.job = job;
+    Entry& e = entries_[*slot];
+    if (e.job <= job) return true;
+    overridden_.insert(e.job);  // a later segment got here first
+    e.job = job;
     return false;
   }
   // The segment (by index) of the earliest claim on `fp`; UINT64_MAX: none.
-  uint64_t Claimant(const Fingerprint& fp) const {
+  uint64_t Claimant(const Fingerprint& fp) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = entries_.find(fp);
-    return it == entries_.end() ? UINT64_MAX : it->second.job;
+    const uint32_t* slot = Slot(fp);
+    return *slot == kEmpty ? UINT64_MAX : entries_[*slot].job;
   }
   // True (once) when an earlier segment took over a claim of segment `job`.
   bool TakeOverridden(uint64_t job) {
@@ -113,22 +123,21 @@ class RunIndex {
   // Where the block went; the first stored copy wins.
   void SetLocation(const BlockRef& where) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = entries_.find(where.fingerprint);
-    if (it != entries_.end() && !it->second.located) {
-      Entry& e = it->second;
-      e.located = true;
-      e.length = where.length;
-      e.container = where.container;
-      e.offset = where.offset;
-      e.record_len = where.record_len;
-      e.index = static_cast<uint16_t>(where.index);
-    }
+    const uint32_t* slot = Slot(where.fingerprint);
+    if (*slot == kEmpty || entries_[*slot].located) return;
+    Entry& e = entries_[*slot];
+    e.located = true;
+    e.length = where.length;
+    e.container = where.container;
+    e.offset = where.offset;
+    e.record_len = where.record_len;
+    e.index = static_cast<uint16_t>(where.index);
   }
-  std::optional<BlockRef> Location(const Fingerprint& fp) const {
+  std::optional<BlockRef> Location(const Fingerprint& fp) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = entries_.find(fp);
-    if (it == entries_.end() || !it->second.located) return std::nullopt;
-    const Entry& e = it->second;
+    const uint32_t* slot = Slot(fp);
+    if (*slot == kEmpty || !entries_[*slot].located) return std::nullopt;
+    const Entry& e = entries_[*slot];
     BlockRef r;
     r.kind = BlockKind::kOwn;
     r.fingerprint = fp;
@@ -141,7 +150,8 @@ class RunIndex {
   }
 
  private:
-  struct Entry {  // 32 bytes besides the key
+  struct Entry {  // 64 bytes
+    Fingerprint fingerprint;
     uint64_t job = 0;
     uint64_t container = 0;
     uint32_t offset = 0;
@@ -150,9 +160,25 @@ class RunIndex {
     uint16_t index = 0;
     bool located = false;
   };
+  static constexpr uint32_t kEmpty = UINT32_MAX;
+  static constexpr size_t kInitialSlots = 1u << 14;
+
+  // The slot holding `fp`, or the empty slot where it would go (linear
+  // probing in a power-of-two table at most half full). Called with mu_ held.
+  uint32_t* Slot(const Fingerprint& fp) {
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = fp.Prefix64() & mask;; i = (i + 1) & mask)
+      if (slots_[i] == kEmpty || entries_[slots_[i]].fingerprint == fp) return &slots_[i];
+  }
+  void Grow() {
+    slots_.assign(slots_.size() * 2, kEmpty);
+    for (uint32_t i = 0; i < entries_.size(); i++) *Slot(entries_[i].fingerprint) = i;
+  }
+
   const size_t max_entries_;
-  mutable std::mutex mu_;
-  std::unordered_map<Fingerprint, Entry, FingerprintHash> entries_;
+  std::mutex mu_;
+  std::vector<Entry> entries_;  // in claim order; slots_ index them
+  std::vector<uint32_t> slots_;
   std::unordered_set<uint64_t> overridden_;
 };
 
