@@ -824,6 +824,10 @@ Result<SnapshotRecord> BackupRun::Run() {
         }
       }
       while (failure.ok() && queue_.size() > max_queue) failure = commit_front();
+      // A failed commit ends the run here: going on would plan the next
+      // segment over `failure` and could commit a snapshot without the
+      // segment that failed.
+      if (!failure.ok()) break;
     }
   }
   while (failure.ok() && !queue_.empty()) failure = commit_front();

@@ -116,14 +116,15 @@ class FaultInjectionBackupTest : public ::testing::Test {
     image_ = dir_.Sub("disk.qcow2");
   }
 
-  // A new repository (default configuration) and a new image with random
+  // A new repository (config_, by default the default configuration) and a
+  // new image with random
   // data. With `reuse_image`, the image made by the last Reset with the same
   // seed is copied back instead (faster; no bitmaps of other repositories).
   void Reset(uint64_t seed, bool reuse_image = false) {
     std::error_code ec;
     std::filesystem::remove_all(repo_path_, ec);
     unlink(image_.c_str());
-    auto repo = Repository::Create(repo_path_, RepoConfig{});
+    auto repo = Repository::Create(repo_path_, config_);
     ASSERT_TRUE(repo.ok()) << repo.status().ToString();
     rng_.seed(seed);
     expected_.clear();
@@ -352,6 +353,7 @@ class FaultInjectionBackupTest : public ::testing::Test {
   }
 
   ScratchDir dir_;
+  RepoConfig config_;
   std::string repo_path_, image_;
   std::mt19937_64 rng_;
   std::string sha_, pristine_sha_;
@@ -420,6 +422,34 @@ TEST_F(FaultInjectionBackupTest, EveryWriteOfTheFirstBackupAndOfIncrementalsMayF
             << ", short container writes: " << short_puts_ << ", " << secs << " s" << std::endl;
   EXPECT_GE(short_puts_, 2);  // the sweep did hit object Puts
   EXPECT_GE(unfired_, 8);     // and went one write past each backup
+}
+
+// The sweep above fills one container over 4 segments, so every commit
+// happens after the last segment is read. Here 64 KiB segments and 1 MiB
+// containers put each fault in the middle of the run, with dozens of
+// segments still to plan, read and commit: the run must stop at its first
+// failure and report that failure, not go on and end with another error (or
+// none). A container Put fails on the sealer's thread and reaches the run at
+// its next seal, so its writes are counted up to that point only.
+TEST_F(FaultInjectionBackupTest, AFaultInTheMiddleOfALongRunEndsItWithThatFault) {
+  config_.segment_size = 64 << 10;
+  config_.container_capacity = 1 << 20;
+  const uint64_t seed = 11;
+  ASSERT_NO_FATAL_FAILURE(Reset(seed));
+  const uint64_t writes = CountWrites("counting the first backup", false);
+  // vm-info, counter, then a Put and a batch for each of at least 3 containers.
+  ASSERT_GE(writes, 9u);
+  std::cout << "first backup with small segments and containers: " << writes << " writes"
+            << std::endl;
+  for (Kind kind : {Kind::kNoSpace, Kind::kIOError}) {
+    for (uint64_t n = 1; n <= writes; n++) {
+      const std::string when = std::string("small containers, ") + KindName(kind) + " at write " +
+                               std::to_string(n) + " of " + std::to_string(writes);
+      ASSERT_NO_FATAL_FAILURE(Reset(seed, /*reuse_image=*/true));
+      ASSERT_NO_FATAL_FAILURE(RunFaulty(kind, n, when));
+      ASSERT_FALSE(HasFailure()) << when;
+    }
+  }
 }
 
 }  // namespace
