@@ -30,6 +30,10 @@ Options:
                         compression CPU than one frame a block, while a random
                         4 KiB read decompresses at most 64 KiB; see
                         docs/benchmarks.md)
+  --container-size SIZE the most bytes one container (one object of the store)
+                        holds: 1M to 64M (default 8M). A backup keeps two in
+                        memory; smaller ones mean more objects and one more
+                        fsync each (docs/benchmarks.md, "Container size")
   --json                print the configuration as JSON
   -h, --help            this text
 
@@ -44,6 +48,7 @@ int InitCommand(int argc, char** argv) {
                            {"chunker", 0, true},
                            {"compression-level", 0, true},
                            {"frame-size", 0, true},
+                           {"container-size", 0, true},
                            {"json", 0, false},
                            {"help", 'h', false},
                            {"repo", 'r', true}});
@@ -86,6 +91,13 @@ int InitCommand(int argc, char** argv) {
     if (*v > (1ull << 31)) return ReportError(Status::InvalidArgument("frame size too large"));
     cfg.frame_size = static_cast<uint32_t>(*v);
   }
+  if (auto s = args->Get("container-size")) {
+    auto v = ParseSize(*s);
+    if (!v.ok()) return ReportError(v.status());
+    if (*v < (1u << 20) || *v > (64u << 20))
+      return ReportError(Status::InvalidArgument("--container-size must be 1M to 64M, got " + *s));
+    cfg.container_capacity = static_cast<uint32_t>(*v);
+  }
   auto repo = Repository::Create(path, cfg);
   if (!repo.ok()) return ReportError(repo.status());
   const RepoConfig& c = (*repo)->config();
@@ -96,14 +108,18 @@ int InitCommand(int argc, char** argv) {
                         {"segment_size", c.segment_size},
                         {"chunker", ChunkerKindName(c.chunker.kind)},
                         {"compression_level", c.compression_level},
-                        {"frame_size", c.frame_size}};
+                        {"frame_size", c.frame_size},
+                        {"container_capacity", c.container_capacity}};
     std::puts(j.dump().c_str());
   } else {
-    std::printf("created repository %s (id %s): %s segments, %s chunking, zstd level %d, %s\n",
-                path.c_str(), c.repo_id.c_str(), HumanSize(c.segment_size).c_str(),
-                ChunkerKindName(c.chunker.kind), c.compression_level,
-                c.frame_size == 0 ? "one frame a block"
-                                  : ("frames of up to " + HumanSize(c.frame_size)).c_str());
+    std::printf(
+        "created repository %s (id %s): %s segments, %s chunking, zstd level %d, %s, "
+        "containers of up to %s\n",
+        path.c_str(), c.repo_id.c_str(), HumanSize(c.segment_size).c_str(),
+        ChunkerKindName(c.chunker.kind), c.compression_level,
+        c.frame_size == 0 ? "one frame a block"
+                          : ("frames of up to " + HumanSize(c.frame_size)).c_str(),
+        HumanSize(c.container_capacity).c_str());
   }
   return kExitOk;
 }

@@ -192,6 +192,37 @@ TEST_F(FrameBackupTest, FramesAndSingleBlockRecordsRestoreTheSameAndFramesStoreL
   EXPECT_EQ(sl.recipe_versions, std::set<uint8_t>({1}));
 }
 
+// `init --container-size` bounds every container of a backup (trailer
+// included), and bad sizes are refused with the accepted range.
+TEST_F(FrameBackupTest, ContainerSizeBoundsEveryContainer) {
+  auto d = Vmdedup({"init", dir_.Sub("default"), "--json"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(nlohmann::json::parse(d.out)["container_capacity"].get<uint64_t>(), 8 * kMiB);
+  for (const char* bad : {"512K", "65M", "1x"}) {
+    auto r = Vmdedup({"init", dir_.Sub(std::string("bad-") + bad), "--container-size", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.err;
+    EXPECT_NE(r.err.find(bad), std::string::npos) << r.err;
+  }
+
+  const std::string repo = dir_.Sub("small");
+  auto r = Vmdedup({"init", repo, "--chunker", "fixed", "--container-size", "1M", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["container_capacity"].get<uint64_t>(), kMiB);
+  auto snap = Backup(repo, "2");
+  ASSERT_FALSE(snap.is_null());
+  // More than 2 MiB is stored (the random 2.1 MiB alone), so at least three
+  // containers, none above 1 MiB.
+  ASSERT_GT(snap["stored"].get<uint64_t>(), 2 * kMiB);
+  size_t containers = 0;
+  for (const auto& e : std::filesystem::directory_iterator(repo + "/vms/vm1/data")) {
+    EXPECT_LE(e.file_size(), kMiB) << e.path();
+    containers++;
+  }
+  EXPECT_GE(containers, 3u);
+  EXPECT_EQ(RestoreSha(repo, "vm1/vda/1"), FileSha256(image_));
+  ExpectCheckClean(repo);
+}
+
 TEST_F(FrameBackupTest, SmallReadsInsideFramesAreExact) {
   const std::string repo = Init("framed", "64K");
   ASSERT_FALSE(Backup(repo).is_null());
