@@ -25,6 +25,8 @@ const char* StatusCodeName(Status::Code code) {
       return "Aborted";
     case Status::Code::kNotSupported:
       return "NotSupported";
+    case Status::Code::kInternal:
+      return "Internal";
   }
   return "Unknown";
 }

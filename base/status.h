@@ -5,7 +5,9 @@
 // Corruption (bytes are there but wrong: never retry, name the object),
 // IOError (the medium or the peer failed: maybe transient), NoSpace (ENOSPC),
 // InvalidArgument (the caller's input is bad), Busy (held by someone else),
-// Aborted (interrupted on request). Result<T> holds a T or a non-OK Status.
+// Aborted (interrupted on request), NotSupported, Internal (an invariant of
+// vmdedup's own code does not hold: a bug to report, never the input's or
+// the medium's fault). Result<T> holds a T or a non-OK Status.
 //
 // Values are immutable after construction and safe to copy between threads.
 #pragma once
@@ -29,6 +31,7 @@ class Status {
     kBusy,
     kAborted,
     kNotSupported,
+    kInternal,
   };
 
   Status() = default;
@@ -45,6 +48,7 @@ class Status {
   static Status NotSupported(std::string msg) {
     return Status(Code::kNotSupported, std::move(msg));
   }
+  static Status Internal(std::string msg) { return Status(Code::kInternal, std::move(msg)); }
   // Maps an errno value from a failed system call on `what` to a Status.
   static Status FromErrno(int err, const std::string& what);
 

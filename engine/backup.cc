@@ -684,8 +684,8 @@ Status BackupRun::Commit(SegmentJob& job) {
     if (p.in_run) {  // stored by this segment's frames or an earlier segment's
       std::optional<BlockRef> where = run_index_.Location(p.ref.fingerprint);
       if (!where)
-        return Status::Aborted("internal error: block " + p.ref.fingerprint.Hex() +
-                               " was claimed but never stored");
+        return Status::Internal("block " + p.ref.fingerprint.Hex() +
+                                " was claimed in this run but never stored (a bug in vmdedup)");
       p.ref = *where;
     }
     switch (p.level) {
