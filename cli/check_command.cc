@@ -24,7 +24,11 @@ references must land on those records.
 Problems name the object and the snapshots they damage. Leftovers of
 interrupted backups (objects not in the catalog, unreferenced containers and
 recipes, temporary files, CDS objects of an unfinished 'cds build') are
-listed as reclaimable: they are not errors.
+listed as reclaimable: they are not errors. When a VM's metadata is damaged
+(a record that does not decode, a snapshot's missing segment list or
+recipe), what its damaged snapshots use is unknown: nothing of that VM is
+listed as reclaimable then (one 'skipped' finding counts it), and with
+--read-data its unreferenced containers are re-hashed too.
 
 Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)

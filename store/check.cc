@@ -170,7 +170,20 @@ class VmCheck {
     report_.findings.push_back(
         {CheckFinding::Kind::kError, vm_.vm(), std::move(msg), std::move(snaps), 0});
   }
+  // An error that leaves the VM's liveness unknown: a record that does not
+  // decode, a snapshot whose segments cannot be listed, a recipe a snapshot
+  // needs that is missing. What such a snapshot uses cannot be told from
+  // what nothing uses, so no leftover of the VM is reported reclaimable.
+  void MetadataError(std::string msg, std::vector<std::string> snaps = {}) {
+    Error(std::move(msg), std::move(snaps));
+    liveness_unknown_ = true;
+  }
   void Reclaimable(std::string msg, uint64_t bytes) {
+    if (liveness_unknown_) {
+      withheld_items_++;
+      withheld_bytes_ += bytes;
+      return;
+    }
     report_.findings.push_back(
         {CheckFinding::Kind::kReclaimable, vm_.vm(), std::move(msg), {}, bytes});
     report_.reclaimable_bytes += bytes;
@@ -187,7 +200,23 @@ class VmCheck {
   std::map<uint64_t, ContainerRecord> containers_;
   std::vector<SnapshotRecord> snapshots_;
   std::map<std::string, std::vector<uint64_t>> snapshot_segments_;  // by snapshot id
+  bool liveness_unknown_ = false;                                   // set by MetadataError
+  uint64_t withheld_items_ = 0, withheld_bytes_ = 0;
 };
+
+// "vm/disk/seq" of a snapshot record's key ("snap/DISK/SEQ"), or "" when
+// the key is not one.
+std::string SnapshotIdOfKey(const std::string& vm, std::string_view key) {
+  if (!key.starts_with(kSnapshotKeyPrefix)) return "";
+  std::string_view rest = key.substr(kSnapshotKeyPrefix.size());
+  size_t slash = rest.rfind('/');
+  if (slash == std::string_view::npos || slash == 0 || slash + 1 == rest.size()) return "";
+  std::string_view seq = rest.substr(slash + 1);
+  size_t i = 0;
+  while (i + 1 < seq.size() && seq[i] == '0') i++;
+  if (seq.find_first_not_of("0123456789") != std::string_view::npos) return "";
+  return vm + "/" + std::string(rest.substr(0, slash)) + "/" + std::string(seq.substr(i));
+}
 
 std::vector<std::string> VmCheck::SnapshotsUsingRecipes(const std::set<uint64_t>& bad) {
   std::vector<std::string> out;
@@ -232,7 +261,10 @@ Status VmCheck::Run() {
         if (st.ok()) snapshots_.push_back(std::move(r));
       }
     }
-    if (!st.ok()) Error(st.ToString());
+    if (!st.ok()) {
+      std::string id = SnapshotIdOfKey(vm_.vm(), key);
+      MetadataError(st.ToString(), id.empty() ? std::vector<std::string>{} : std::vector{id});
+    }
     return true;
   }));
   report_.recipes += recipes_.size();
@@ -249,13 +281,13 @@ Status VmCheck::Run() {
     }
     auto segs = vm_.GetSnapshotSegments(s.disk, s.seq);
     if (!segs.ok()) {
-      Error(segs.status().ToString(), {s.Id()});
+      MetadataError(segs.status().ToString(), {s.Id()});
       continue;
     }
     if (segs->size() != s.segment_count) {
-      Error("snapshot " + s.Id() + ": segment list length " + std::to_string(segs->size()) +
-                " does not match " + std::to_string(s.segment_count),
-            {s.Id()});
+      MetadataError("snapshot " + s.Id() + ": segment list length " + std::to_string(segs->size()) +
+                        " does not match " + std::to_string(s.segment_count),
+                    {s.Id()});
       continue;
     }
     for (uint64_t i = 0; i < segs->size(); i++) {
@@ -264,9 +296,9 @@ Status VmCheck::Run() {
       auto it = recipes_.find(id);
       uint64_t len = std::min<uint64_t>(s.segment_size, s.size - i * s.segment_size);
       if (it == recipes_.end()) {
-        Error("snapshot " + s.Id() + ": segment " + std::to_string(i) +
-                  " refers to missing recipe " + SegmentRecipeKey(id),
-              {s.Id()});
+        MetadataError("snapshot " + s.Id() + ": segment " + std::to_string(i) +
+                          " refers to missing recipe " + SegmentRecipeKey(id),
+                      {s.Id()});
       } else if (it->second.length != len) {
         Error("snapshot " + s.Id() + ": segment " + std::to_string(i) + " recipe " +
                   SegmentRecipeKey(id) + " has length " + std::to_string(it->second.length),
@@ -345,7 +377,8 @@ Status VmCheck::Run() {
     }
     if (!referenced) {
       Reclaimable("container " + rec.object + " is referenced by no snapshot", rec.size);
-      continue;
+      // With liveness unknown a damaged snapshot may use it: verify it too.
+      if (!liveness_unknown_) continue;
     }
     if (!opt_.read_data) continue;
     if (opt_.progress) opt_.progress("reading " + rec.object);
@@ -381,6 +414,16 @@ Status VmCheck::Run() {
     if (!live_recipes.count(id)) orphan_recipes++;
   if (orphan_recipes)
     Reclaimable(std::to_string(orphan_recipes) + " segment recipe(s) referenced by no snapshot", 0);
+  if (withheld_items_ > 0) {
+    report_.findings.push_back(
+        {CheckFinding::Kind::kSkipped,
+         vm_.vm(),
+         std::to_string(withheld_items_) + " item(s) (" + std::to_string(withheld_bytes_) +
+             " bytes) that no readable snapshot uses are not reported as reclaimable: the "
+             "VM's metadata is damaged (above), so what the damaged snapshots use is unknown",
+         {},
+         withheld_bytes_});
+  }
   return Status::OK();
 }
 

@@ -15,6 +15,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "store/records.h"
+#include "store/repository.h"
 #include "tests/test_util.h"
 
 namespace vmdedup::testing {
@@ -352,6 +354,49 @@ TEST_F(BackupImageTest, CorruptedContainerByteIsReportedNamingObjectAndSnapshots
   EXPECT_NE(access((out + ".partial").c_str(), F_OK), 0);
   (void)sha1;
   (void)sha2;
+}
+
+// One damaged snapshot record: check names that snapshot, still re-hashes
+// the data it used, and reports none of it as reclaimable (a later clean-up
+// would otherwise delete the only copy of what the snapshot held).
+TEST_F(BackupImageTest, DamagedSnapshotRecordKeepsItsDataOutOfTheReclaimable) {
+  MakeImage(16 * kMiB, 4 * kMiB, 12);
+  Backup();
+  // Snapshot 2 overwrites all of snapshot 1's data: snapshot 1's container
+  // is used by snapshot 1 alone.
+  QemuIo({"write -P 0x62 0 4M"});
+  Backup();
+  {
+    auto repo = Repository::Open(repo_);
+    ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+    auto vm = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(vm.ok()) << vm.status().ToString();
+    const std::string key = SnapshotKey("vda", 1);
+    std::string value;
+    ASSERT_TRUE((*vm)->meta()->Get(key, &value).ok());
+    value[value.size() / 2] = static_cast<char>(value[value.size() / 2] ^ 0x08);
+    WriteBatch batch;
+    batch.Put(key, value);
+    ASSERT_TRUE((*vm)->meta()->Write(batch, true).ok());
+  }
+  auto r = Vmdedup({"check", "-r", repo_, "--read-data", "--json"});
+  EXPECT_EQ(r.exit_code, 3) << r.out << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["damaged_snapshots"], nlohmann::json({"vm1/vda/1"})) << r.out;
+  EXPECT_EQ(j["reclaimable_bytes"].get<uint64_t>(), 0u) << r.out;
+  bool withheld = false;
+  for (const auto& f : j["findings"]) {
+    EXPECT_NE(f["kind"], "reclaimable") << f.dump();
+    if (f["kind"] == "skipped" &&
+        f["message"].get<std::string>().find("not reported as reclaimable") != std::string::npos)
+      withheld = f["bytes"].get<uint64_t>() > 0;
+  }
+  EXPECT_TRUE(withheld) << "snapshot 1's own container is not counted as withheld: " << r.out;
+  // Every container was still read: snapshot 1's own as well as snapshot 2's.
+  EXPECT_GE(j["blocks_verified"].get<uint64_t>(), 4 * kMiB / 16384) << r.out;
+  EXPECT_EQ(j["containers"].get<uint64_t>(), 2u) << r.out;
+  // The readable snapshot still restores.
+  EXPECT_EQ(RestoreSha("vm1/vda/2"), ImageSha());
 }
 
 TEST_F(BackupImageTest, CorruptedMetadataIsCorruptionNotACrash) {
