@@ -86,33 +86,41 @@ Status DecodeConfig(const std::string& data, const std::string& path, RepoConfig
   return ValidateRepoConfig(*c).WithContext(what);
 }
 
+// Writes `data` to PATH.tmp, fsyncs it, renames it over `path` and fsyncs
+// the directory; every step's failure is returned, and the temporary is
+// removed on failure.
 Status WriteFileDurably(const std::string& path, const std::string& data) {
-  std::string tmp = path + ".tmp";
+  const std::string tmp = path + ".tmp";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Status::FromErrno(errno, "create " + tmp);
+  auto fail = [&](const std::string& what) {
+    Status st = Status::FromErrno(errno, what + " " + tmp);
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.c_str());
+    return st;
+  };
   size_t done = 0;
   while (done < data.size()) {
     ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      return Status::FromErrno(err, "write " + tmp);
-    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail("write");
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) {
-    int err = errno;
-    ::close(fd);
-    return Status::FromErrno(err, "fsync " + tmp);
-  }
-  ::close(fd);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "rename " + tmp);
-  int dfd = ::open(fs::path(path).parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
+  if (::fsync(fd) != 0) return fail("fsync");
+  int rc = ::close(fd);
+  fd = -1;
+  if (rc != 0) return fail("close");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) return fail("rename");
+  const std::string dir = fs::path(path).parent_path().string();
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return Status::FromErrno(errno, "open directory " + dir);
+  // Some filesystems refuse fsync on a directory (EINVAL): nothing to do there.
+  if (::fsync(dfd) != 0 && errno != EINVAL) {
+    Status st = Status::FromErrno(errno, "fsync directory " + dir);
     ::close(dfd);
+    return st;
   }
+  ::close(dfd);
   return Status::OK();
 }
 
