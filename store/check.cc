@@ -418,8 +418,8 @@ Status VmCheck::Run() {
     report_.findings.push_back(
         {CheckFinding::Kind::kSkipped,
          vm_.vm(),
-         std::to_string(withheld_items_) + " item(s) (" + std::to_string(withheld_bytes_) +
-             " bytes) that no readable snapshot uses are not reported as reclaimable: the "
+         std::to_string(withheld_items_) +
+             " item(s) that no readable snapshot uses are not reported as reclaimable: the "
              "VM's metadata is damaged (above), so what the damaged snapshots use is unknown",
          {},
          withheld_bytes_});
