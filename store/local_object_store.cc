@@ -18,6 +18,7 @@
 #include <string_view>
 
 #include "store/object_store.h"
+#include "store/sync_directory.h"
 
 namespace vmdedup {
 namespace {
@@ -95,16 +96,6 @@ Status WriteError(int err, const std::string& what) {
   return Status::FromErrno(err, what);
 }
 
-// fsyncs a directory so that entries created, renamed or removed in it are
-// durable. Filesystems that cannot sync directories (EINVAL) are accepted.
-Status SyncDir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return WriteError(errno, "open directory " + dir);
-  FdCloser closer(fd);
-  if (::fsync(fd) != 0 && errno != EINVAL) return WriteError(errno, "fsync " + dir);
-  return Status::OK();
-}
-
 // Creates `dir` and its missing ancestors below `root` (which must exist);
 // each created directory is made durable by syncing its parent.
 Status MakeDirs(const std::string& root, const std::string& rel_dir) {
@@ -117,7 +108,7 @@ Status MakeDirs(const std::string& root, const std::string& rel_dir) {
     path += "/" + rel_dir.substr(start, slash - start);
     start = slash + 1;
     if (::mkdir(path.c_str(), 0755) == 0) {
-      RETURN_IF_ERROR(SyncDir(parent));
+      RETURN_IF_ERROR(SyncDirectory(parent));
     } else if (errno != EEXIST) {
       return WriteError(errno, "mkdir " + path);
     }
@@ -294,7 +285,7 @@ class LocalObjectStore final : public ObjectStore {
       ::unlink(tmp_path.c_str());
       return st;
     }
-    return SyncDir(dir);
+    return SyncDirectory(dir);
   }
 
   Status Get(const std::string& name, std::string* out) override {

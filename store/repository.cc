@@ -16,6 +16,7 @@
 #include "base/crc32c.h"
 #include "base/encoding.h"
 #include "store/container.h"
+#include "store/sync_directory.h"
 
 namespace vmdedup {
 namespace fs = std::filesystem;
@@ -111,17 +112,7 @@ Status WriteFileDurably(const std::string& path, const std::string& data) {
   fd = -1;
   if (rc != 0) return fail("close");
   if (::rename(tmp.c_str(), path.c_str()) != 0) return fail("rename");
-  const std::string dir = fs::path(path).parent_path().string();
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return Status::FromErrno(errno, "open directory " + dir);
-  // Some filesystems refuse fsync on a directory (EINVAL): nothing to do there.
-  if (::fsync(dfd) != 0 && errno != EINVAL) {
-    Status st = Status::FromErrno(errno, "fsync directory " + dir);
-    ::close(dfd);
-    return st;
-  }
-  ::close(dfd);
-  return Status::OK();
+  return SyncDirectory(fs::path(path).parent_path().string());
 }
 
 std::string ReadLockHolder(const std::string& lock_path) {
