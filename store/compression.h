@@ -18,6 +18,8 @@ enum class Compression : uint8_t { kNone = 0, kZstd = 1 };
 
 class Compressor {
  public:
+  // `level` is a zstd level; at level 1, inputs of up to 128 KiB use a
+  // smaller hash table than zstd's default (compression.cc says why).
   explicit Compressor(int level);
   ~Compressor();
   Compressor(const Compressor&) = delete;
@@ -43,8 +45,12 @@ class Compressor {
   static size_t Bound(size_t n);
 
  private:
+  // Compresses with the context's parameters; a zstd result code.
+  size_t Run(std::span<const uint8_t> in, std::span<uint8_t> out);
+
   ZSTD_CCtx_s* ctx_;
   int level_;
+  int hash_log_ = 0;  // the hashLog set on ctx_; 0 is zstd's own choice
   // Output buffer, grown to ZSTD_compressBound of the largest input so far;
   // never zero-filled.
   std::unique_ptr<uint8_t[]> out_;

@@ -4,6 +4,7 @@
 // and never wrong data or a crash.
 
 #include <gtest/gtest.h>
+#include <zstd.h>
 
 #include <random>
 #include <thread>
@@ -570,6 +571,52 @@ TEST(CompressionTest, CompressIntoMatchesCompressViewAndStaysInside) {
   Compressor::View none = c.CompressInto(Bytes(text), small);
   EXPECT_EQ(none.compression, Compression::kNone);
   EXPECT_EQ(none.bytes.size(), text.size());
+}
+
+// Level 1 compresses inputs of up to 128 KiB with a 2^12-entry hash table
+// and larger ones with zstd's own parameters, whatever the order of sizes.
+TEST(CompressionTest, LevelOneUsesTheSmallHashTableOnlyForSmallInputs) {
+  // Log-like text: many repeats, at distances a smaller table loses some of.
+  std::mt19937 rng(5);
+  std::string text;
+  while (text.size() < 300 * 1024)
+    text += "host" + std::to_string(rng() % 50) + " event " + std::to_string(rng() % 1000) +
+            " value " + std::to_string(rng() % 100000) + "\n";
+  const std::string small = text.substr(0, 64 * 1024), large = text.substr(0, 256 * 1024);
+  auto reference = [](const std::string& in, int hash_log) {
+    ZSTD_CCtx* ctx = ZSTD_createCCtx();
+    ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, 1);
+    if (hash_log != 0) ZSTD_CCtx_setParameter(ctx, ZSTD_c_hashLog, hash_log);
+    std::string out(ZSTD_compressBound(in.size()), '\0');
+    const size_t n = ZSTD_compress2(ctx, out.data(), out.size(), in.data(), in.size());
+    ZSTD_freeCCtx(ctx);
+    EXPECT_FALSE(ZSTD_isError(n));
+    out.resize(n);
+    return out;
+  };
+  const std::string small_tuned = reference(small, 12), small_default = reference(small, 0);
+  const std::string large_default = reference(large, 0), large_tuned = reference(large, 12);
+  ASSERT_NE(small_tuned, small_default) << "the input does not tell the tables apart";
+  ASSERT_NE(large_tuned, large_default) << "the input does not tell the tables apart";
+
+  Compressor c(1);
+  std::string out, back;
+  for (const std::string* in : {&small, &large, &small, &large}) {
+    ASSERT_EQ(c.Compress(Bytes(*in), &out), Compression::kZstd);
+    EXPECT_EQ(out, in == &small ? small_tuned : large_default) << in->size();
+    ASSERT_TRUE(
+        Decompress(Compression::kZstd, Bytes(out), static_cast<uint32_t>(in->size()), &back, "t")
+            .ok());
+    EXPECT_EQ(back, *in);
+  }
+  // Other levels keep zstd's parameters at every size.
+  Compressor c3(3);
+  ASSERT_EQ(c3.Compress(Bytes(small), &out), Compression::kZstd);
+  ZSTD_CCtx* ctx = ZSTD_createCCtx();
+  std::string want(ZSTD_compressBound(small.size()), '\0');
+  want.resize(ZSTD_compressCCtx(ctx, want.data(), want.size(), small.data(), small.size(), 3));
+  ZSTD_freeCCtx(ctx);
+  EXPECT_EQ(out, want);
 }
 
 TEST(CompressionTest, WrongLengthOrBadPayloadIsCorruption) {
