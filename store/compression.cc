@@ -11,14 +11,16 @@ namespace vmdedup {
 
 namespace {
 
-// zstd level 1 sizes its hash table for inputs of up to 128 KiB at 2^13
-// entries (32 KiB). Frames are compressed one at a time and the table is
-// cleared for each, so a smaller one pays off: on the non-zero 64 KiB runs
-// of three Debian guests, 2^12 entries took 8-10 % less CPU and stored
-// 0.9-1.2 % more (docs/benchmarks.md, "zstd's hash table"). Larger inputs
-// and other levels keep zstd's own choice.
-constexpr int kSmallInputHashLog = 12;
-constexpr size_t kSmallInput = 128 * 1024;
+// zstd level 1 gives inputs of 16-128 KiB (one tier of its parameter
+// table) a hash table of 2^13 entries (32 KiB). For frames of that size a
+// table of 2^12 entries pays off: on the non-zero 64 KiB runs of three
+// Debian guests it took 8-10 % less CPU and stored 0.9-1.2 % more, and the
+// same at 32 and 128 KiB; at 16 KiB and below it was slower, so smaller
+// inputs keep zstd's parameters, as do larger ones and other levels
+// (docs/benchmarks.md, "zstd's hash table").
+constexpr int kTunedHashLog = 12;
+constexpr size_t kTunedAbove = 16 * 1024;
+constexpr size_t kTunedUpTo = 128 * 1024;
 
 }  // namespace
 
@@ -34,7 +36,8 @@ Compressor::~Compressor() { ZSTD_freeCCtx(ctx_); }
 
 size_t Compressor::Run(std::span<const uint8_t> in, std::span<uint8_t> out) {
   if (level_ == 1) {
-    const int hash_log = in.size() <= kSmallInput ? kSmallInputHashLog : 0;  // 0: zstd's
+    const bool tuned = in.size() > kTunedAbove && in.size() <= kTunedUpTo;
+    const int hash_log = tuned ? kTunedHashLog : 0;  // 0: zstd's own
     if (hash_log != hash_log_) {
       ZSTD_CCtx_setParameter(ctx_, ZSTD_c_hashLog, hash_log);
       hash_log_ = hash_log;

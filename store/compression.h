@@ -18,8 +18,8 @@ enum class Compression : uint8_t { kNone = 0, kZstd = 1 };
 
 class Compressor {
  public:
-  // `level` is a zstd level; at level 1, inputs of up to 128 KiB use a
-  // smaller hash table than zstd's default (compression.cc says why).
+  // `level` is a zstd level; at level 1, inputs of 16-128 KiB use a smaller
+  // hash table than zstd's default (compression.cc says why).
   explicit Compressor(int level);
   ~Compressor();
   Compressor(const Compressor&) = delete;

@@ -573,16 +573,16 @@ TEST(CompressionTest, CompressIntoMatchesCompressViewAndStaysInside) {
   EXPECT_EQ(none.bytes.size(), text.size());
 }
 
-// Level 1 compresses inputs of up to 128 KiB with a 2^12-entry hash table
-// and larger ones with zstd's own parameters, whatever the order of sizes.
-TEST(CompressionTest, LevelOneUsesTheSmallHashTableOnlyForSmallInputs) {
+// Level 1 compresses inputs of 16-128 KiB with a 2^12-entry hash table and
+// smaller and larger ones with zstd's own parameters, whatever the order of
+// sizes.
+TEST(CompressionTest, LevelOneUsesTheSmallHashTableOnlyFor16To128KiB) {
   // Log-like text: many repeats, at distances a smaller table loses some of.
   std::mt19937 rng(5);
   std::string text;
   while (text.size() < 300 * 1024)
     text += "host" + std::to_string(rng() % 50) + " event " + std::to_string(rng() % 1000) +
             " value " + std::to_string(rng() % 100000) + "\n";
-  const std::string small = text.substr(0, 64 * 1024), large = text.substr(0, 256 * 1024);
   auto reference = [](const std::string& in, int hash_log) {
     ZSTD_CCtx* ctx = ZSTD_createCCtx();
     ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, 1);
@@ -594,21 +594,29 @@ TEST(CompressionTest, LevelOneUsesTheSmallHashTableOnlyForSmallInputs) {
     out.resize(n);
     return out;
   };
-  const std::string small_tuned = reference(small, 12), small_default = reference(small, 0);
-  const std::string large_default = reference(large, 0), large_tuned = reference(large, 12);
-  ASSERT_NE(small_tuned, small_default) << "the input does not tell the tables apart";
-  ASSERT_NE(large_tuned, large_default) << "the input does not tell the tables apart";
-
+  struct Case {
+    std::string in, want;
+  };
+  std::vector<Case> cases;
+  for (size_t size : {8 * 1024, 64 * 1024, 128 * 1024, 256 * 1024}) {
+    const std::string in = text.substr(0, size);
+    const bool tuned = size > 16 * 1024 && size <= 128 * 1024;
+    const std::string with_12 = reference(in, 12), with_default = reference(in, 0);
+    ASSERT_NE(with_12, with_default) << size << ": the input does not tell the tables apart";
+    cases.push_back({in, tuned ? with_12 : with_default});
+  }
   Compressor c(1);
   std::string out, back;
-  for (const std::string* in : {&small, &large, &small, &large}) {
-    ASSERT_EQ(c.Compress(Bytes(*in), &out), Compression::kZstd);
-    EXPECT_EQ(out, in == &small ? small_tuned : large_default) << in->size();
+  for (size_t k : {0, 1, 3, 1, 0, 2, 3, 2}) {  // every change of tier, both ways
+    const Case& cs = cases[k];
+    ASSERT_EQ(c.Compress(Bytes(cs.in), &out), Compression::kZstd);
+    EXPECT_EQ(out, cs.want) << cs.in.size();
     ASSERT_TRUE(
-        Decompress(Compression::kZstd, Bytes(out), static_cast<uint32_t>(in->size()), &back, "t")
+        Decompress(Compression::kZstd, Bytes(out), static_cast<uint32_t>(cs.in.size()), &back, "t")
             .ok());
-    EXPECT_EQ(back, *in);
+    EXPECT_EQ(back, cs.in);
   }
+  const std::string small = cases[1].in;
   // Other levels keep zstd's parameters at every size.
   Compressor c3(3);
   ASSERT_EQ(c3.Compress(Bytes(small), &out), Compression::kZstd);
