@@ -26,7 +26,11 @@ Options:
   --json              one JSON object on stdout
   -h, --help          this text
 
-Exit codes: 0 success, 1 failure (QEMU unreachable), 2 bad usage.
+In --json output a series the repository cannot read (damaged or unreadable
+metadata) has an "error" member instead of its last snapshot.
+
+Exit codes: 0 success, 1 failure (QEMU unreachable, or a disk series of the
+repository could not be read: shown with its error), 2 bad usage.
 )";
 
 struct Series {
@@ -76,6 +80,7 @@ int StatusCommand(int argc, char** argv) {
   auto leftovers = QueryFleeceObjects(**qmp);
   if (!leftovers.ok()) return ReportError(leftovers.status());
 
+  int repo_errors = 0;  // series whose snapshots could not be read
   nlohmann::json out = {{"qemu", socket},
                         {"qemu_version", (*qmp)->qemu_version()},
                         {"disks", nlohmann::json::array()}};
@@ -110,6 +115,10 @@ int StatusCommand(int argc, char** argv) {
         bool has_bitmap = false;
         for (const LiveBitmap& b : d.bitmaps)
           has_bitmap = has_bitmap || b.name.rfind(prefix, 0) == 0;
+        // Not found: the VM or the series has no snapshot (shown only when
+        // its bitmap is on the disk). Any other error is the repository's,
+        // and is shown rather than hidden.
+        Status unreadable;
         if (store.ok()) {
           auto latest = (*store)->LatestSnapshot(d.name);
           if (latest.ok()) {
@@ -117,13 +126,21 @@ int StatusCommand(int argc, char** argv) {
             js["last_time"] = latest->time;
             js["last_bitmap"] = latest->bitmap;
             js["bitmap_present"] = d.FindBitmap(latest->bitmap) != nullptr;
+          } else if (!latest.status().IsNotFound()) {
+            unreadable = latest.status();
           } else if (!has_bitmap) {
             continue;
           }
         } else if (store.status().IsBusy()) {
           js["last_snapshot"] = "(a backup of " + vm + " is running)";
-        } else {
+        } else if (!store.status().IsNotFound()) {
+          unreadable = store.status();
+        } else if (!has_bitmap) {
           continue;
+        }
+        if (!unreadable.ok()) {
+          js["error"] = unreadable.ToString();
+          repo_errors++;
         }
         jd["series"].push_back(js);
       }
@@ -135,9 +152,10 @@ int StatusCommand(int argc, char** argv) {
     for (const auto& x : v) left.push_back(x);
   out["leftovers"] = left;
 
+  const int exit_code = repo_errors == 0 ? kExitOk : kExitFailure;
   if (json) {
     std::puts(out.dump().c_str());
-    return kExitOk;
+    return exit_code;
   }
   std::printf("QEMU %s at %s\n", (*qmp)->qemu_version().c_str(), socket.c_str());
   for (const auto& jd : out["disks"]) {
@@ -163,6 +181,11 @@ int StatusCommand(int argc, char** argv) {
       std::string extra;
       if (s.contains("bitmap_present") && !s["bitmap_present"].get<bool>())
         extra = "  (its bitmap is gone: the next backup reads everything)";
+      if (s.contains("error")) {
+        std::printf("  series %s  cannot be read: %s\n", s["series"].get<std::string>().c_str(),
+                    s["error"].get<std::string>().c_str());
+        continue;
+      }
       std::printf("  series %s  last snapshot %s%s\n", s["series"].get<std::string>().c_str(),
                   last.c_str(), extra.c_str());
     }
@@ -170,7 +193,12 @@ int StatusCommand(int argc, char** argv) {
   if (!left.empty())
     std::printf("left by an interrupted backup (removed by the next one): %s\n",
                 left.dump().c_str());
-  return kExitOk;
+  if (repo_errors > 0)
+    std::fprintf(stderr,
+                 "vmdedup: %d disk series of the repository could not be read (shown above); "
+                 "'vmdedup check' names what is damaged\n",
+                 repo_errors);
+  return exit_code;
 }
 
 }  // namespace vmdedup::cli

@@ -29,6 +29,8 @@
 
 #include "base/fingerprint.h"
 #include "dirty-bitmap/qmp_client.h"
+#include "store/records.h"
+#include "store/repository.h"
 #include "tests/test_util.h"
 
 namespace vmdedup::testing {
@@ -440,6 +442,35 @@ TEST_F(LiveBackupTest, FullThenChainedIncrementalsReadOnlyDirtyExtentsAndRestore
   EXPECT_EQ(text.exit_code, 0) << text.err;
   EXPECT_TRUE(Contains(text.out, "dirty 64.0 KiB")) << text.out;
   EXPECT_TRUE(Contains(text.out, "last snapshot vm1/vd0/4")) << text.out;
+
+  // A series whose snapshots cannot be read is shown with its error, and
+  // status fails, rather than leaving the series out.
+  {
+    auto repo = Repository::Open(repo_);
+    ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+    auto vm = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(vm.ok()) << vm.status().ToString();
+    const std::string key = SnapshotKey("vd0", 4);
+    std::string value;
+    ASSERT_TRUE((*vm)->meta()->Get(key, &value).ok());
+    value[value.size() / 2] = static_cast<char>(value[value.size() / 2] ^ 0x08);
+    WriteBatch batch;
+    batch.Put(key, value);
+    ASSERT_TRUE((*vm)->meta()->Write(batch, true).ok());
+  }
+  auto damaged = Vmdedup({"status", "-r", repo_, "--json", "qemu:" + g.Socket()});
+  EXPECT_EQ(damaged.exit_code, 1) << damaged.out << damaged.err;
+  json dj = json::parse(damaged.out);
+  ASSERT_EQ(dj["disks"][0]["series"].size(), 1u) << damaged.out;
+  const json& ds = dj["disks"][0]["series"][0];
+  EXPECT_EQ(ds["series"], "vm1/vd0");
+  ASSERT_TRUE(ds.contains("error")) << damaged.out;
+  EXPECT_TRUE(Contains(ds["error"], "Corruption")) << damaged.out;
+  auto damaged_text = Vmdedup({"status", "-r", repo_, "qemu:" + g.Socket()});
+  EXPECT_EQ(damaged_text.exit_code, 1) << damaged_text.err;
+  EXPECT_TRUE(Contains(damaged_text.out, "series vm1/vd0  cannot be read: Corruption"))
+      << damaged_text.out;
+  EXPECT_TRUE(Contains(damaged_text.err, "'vmdedup check'")) << damaged_text.err;
 
   // The mirror the restores were compared with is what the guest wrote.
   std::string mirror = g.MirrorSha(0);
