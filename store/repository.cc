@@ -261,7 +261,13 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   }
   auto meta = OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite);
   if (!meta.ok()) {
-    if (lock_fd >= 0) ::close(lock_fd);
+    if (lock_fd >= 0) {
+      // Our pid must not stay behind as the holder named by the next Busy.
+      if (::ftruncate(lock_fd, 0) != 0) {
+        // Informational only, as when it was written.
+      }
+      ::close(lock_fd);
+    }
     if (meta.status().IsBusy())
       return Status::Busy("VM '" + vm + "' is in use by " +
                           MetadataHolder(lock_path, lock_fd >= 0) + "; retry when it has finished");

@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <optional>
 
 #include "base/crc32c.h"
@@ -429,6 +430,21 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   EXPECT_EQ(*run, *b + 2);
   EXPECT_EQ(*(*third)->AllocateContainerId(), *run + 16);
   EXPECT_TRUE((*third)->AllocateContainerIds(0).status().IsInvalidArgument());
+  third = Status::Aborted("closed");
+  {
+    // A writer that takes the lock file but finds the metadata held by a
+    // reader fails Busy, and leaves no pid behind in the lock file for a
+    // later message to name as the holder.
+    auto reader = (*again)->OpenVm("vm1", Repository::Access::kRead);
+    ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+    auto blocked = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(blocked.status().IsBusy()) << blocked.status().ToString();
+    EXPECT_NE(blocked.status().message().find("reads it"), std::string::npos)
+        << blocked.status().ToString();
+    std::ifstream lock(path + "/vms/vm1/lock");
+    std::string holder((std::istreambuf_iterator<char>(lock)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(holder, "") << "the failed writer's pid stayed in the lock file";
+  }
   auto vms = (*again)->ListVms();
   ASSERT_TRUE(vms.ok());
   EXPECT_EQ(*vms, std::vector<std::string>{"vm1"});
