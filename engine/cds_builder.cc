@@ -367,12 +367,19 @@ Status CdsBuild::ListVms(uint64_t* est_blocks, uint64_t* snapshots) {
     vms_.push_back(std::move(c));
   }
   // CDS references are distinct blocks of the published versions at most.
+  // The cap applies only when every manifest is read: an unreadable one must
+  // not make the estimate too small (`vmdedup check` reports the damage).
   uint64_t published_blocks = 0;
+  bool all_read = true;
   for (uint64_t v : pointer_.published) {
     auto m = area_.ReadManifest(v);
-    if (m.ok()) published_blocks += m->block_count;
+    if (!m.ok()) {
+      all_read = false;
+      break;
+    }
+    published_blocks += m->block_count;
   }
-  if (!pointer_.published.empty()) cds_refs = std::min(cds_refs, published_blocks);
+  if (!pointer_.published.empty() && all_read) cds_refs = std::min(cds_refs, published_blocks);
   *est_blocks = own + cds_refs;
   r_.vms_counted = vms_.size();
   return Status::OK();
