@@ -24,7 +24,8 @@
 # Usage: bench/throughput_bench.sh [OUT]
 # Environment: FLEET, VM (default vm02-dev: the most data), PARTS="first incr big" (or bigctl),
 #   CONFIGS="fixed:1 fixed:3 fixed:-1 cdc:1", REPEAT=3, CHURN=5, SEED=7, BIG=64G,
-#   BUILD=/work/main/build, VMDEDUP=$BUILD/cli/vmdedup (another vmdedup binary to measure).
+#   BUILD=/work/main/build, VMDEDUP=$BUILD/cli/vmdedup (another vmdedup binary to measure),
+#   MIN_FREE (GiB that must be free under OUT; 12 with big or bigctl, else 6).
 # Every timed command runs under /usr/bin/time -v; the load average is logged
 # before each. bench/throughput_report.py OUT prints the tables.
 set -euo pipefail
@@ -43,6 +44,17 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 RAW="$FLEET/$VM/snap-0.raw"
 
 mkdir -p "$OUT"/{bin,time,json,log}
+# A full disk turns every backup into a NoSpace failure and the figures into
+# nonsense; refuse to start without room (MIN_FREE GiB; by default 12 when
+# PARTS has "big" or "bigctl", which write a 64 GiB sparse image with 4.6
+# GiB of data and about 5 GiB of repositories, else 6 for "first" and
+# "incr", which leave about 5.5 GiB in OUT/work).
+if [[ " $PARTS " == *" big"* ]]; then MIN_FREE=${MIN_FREE:-12}; else MIN_FREE=${MIN_FREE:-6}; fi
+free_gib=$(( $(df --output=avail -B1 "$OUT" | tail -1) >> 30 ))
+if (( free_gib < MIN_FREE )); then
+  echo "throughput_bench: only $free_gib GiB free under $OUT; need $MIN_FREE (MIN_FREE=...)" >&2
+  exit 1
+fi
 cp "${VMDEDUP:-$BUILD/cli/vmdedup}" "$OUT/bin/vmdedup"
 cp "$BUILD/bench/apply_diff_bench" "$OUT/bin/"
 V="$OUT/bin/vmdedup"
