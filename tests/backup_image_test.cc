@@ -366,19 +366,7 @@ TEST_F(BackupImageTest, DamagedSnapshotRecordKeepsItsDataOutOfTheReclaimable) {
   // is used by snapshot 1 alone.
   QemuIo({"write -P 0x62 0 4M"});
   Backup();
-  {
-    auto repo = Repository::Open(repo_);
-    ASSERT_TRUE(repo.ok()) << repo.status().ToString();
-    auto vm = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
-    ASSERT_TRUE(vm.ok()) << vm.status().ToString();
-    const std::string key = SnapshotKey("vda", 1);
-    std::string value;
-    ASSERT_TRUE((*vm)->meta()->Get(key, &value).ok());
-    value[value.size() / 2] = static_cast<char>(value[value.size() / 2] ^ 0x08);
-    WriteBatch batch;
-    batch.Put(key, value);
-    ASSERT_TRUE((*vm)->meta()->Write(batch, true).ok());
-  }
+  ASSERT_EQ(testing::DamageSnapshotRecord(repo_, "vm1", "vda", 1), "");
   auto r = Vmdedup({"check", "-r", repo_, "--read-data", "--json"});
   EXPECT_EQ(r.exit_code, 3) << r.out << r.err;
   auto j = nlohmann::json::parse(r.out);

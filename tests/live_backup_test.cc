@@ -29,8 +29,6 @@
 
 #include "base/fingerprint.h"
 #include "dirty-bitmap/qmp_client.h"
-#include "store/records.h"
-#include "store/repository.h"
 #include "tests/test_util.h"
 
 namespace vmdedup::testing {
@@ -445,19 +443,7 @@ TEST_F(LiveBackupTest, FullThenChainedIncrementalsReadOnlyDirtyExtentsAndRestore
 
   // A series whose snapshots cannot be read is shown with its error, and
   // status fails, rather than leaving the series out.
-  {
-    auto repo = Repository::Open(repo_);
-    ASSERT_TRUE(repo.ok()) << repo.status().ToString();
-    auto vm = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
-    ASSERT_TRUE(vm.ok()) << vm.status().ToString();
-    const std::string key = SnapshotKey("vd0", 4);
-    std::string value;
-    ASSERT_TRUE((*vm)->meta()->Get(key, &value).ok());
-    value[value.size() / 2] = static_cast<char>(value[value.size() / 2] ^ 0x08);
-    WriteBatch batch;
-    batch.Put(key, value);
-    ASSERT_TRUE((*vm)->meta()->Write(batch, true).ok());
-  }
+  ASSERT_EQ(testing::DamageSnapshotRecord(repo_, "vm1", "vd0", 4), "");
   auto damaged = Vmdedup({"status", "-r", repo_, "--json", "qemu:" + g.Socket()});
   EXPECT_EQ(damaged.exit_code, 1) << damaged.out << damaged.err;
   json dj = json::parse(damaged.out);

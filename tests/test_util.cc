@@ -16,6 +16,8 @@
 #include <stdexcept>
 
 #include "base/fingerprint.h"
+#include "store/records.h"
+#include "store/repository.h"
 
 namespace vmdedup::testing {
 
@@ -155,6 +157,23 @@ bool SlowNbdServer::Kill(int sig) {
   waitpid(pid_, nullptr, 0);
   pid_ = -1;
   return sent;
+}
+
+std::string DamageSnapshotRecord(const std::string& repo, const std::string& vm,
+                                 const std::string& disk, uint64_t seq) {
+  auto r = Repository::Open(repo);
+  if (!r.ok()) return r.status().ToString();
+  auto store = (*r)->OpenVm(vm, Repository::Access::kWrite);
+  if (!store.ok()) return store.status().ToString();
+  const std::string key = SnapshotKey(disk, seq);
+  std::string value;
+  Status st = (*store)->meta()->Get(key, &value);
+  if (!st.ok()) return st.ToString();
+  value[value.size() / 2] = static_cast<char>(value[value.size() / 2] ^ 0x08);
+  WriteBatch batch;
+  batch.Put(key, value);
+  st = (*store)->meta()->Write(batch, true);
+  return st.ok() ? "" : st.ToString();
 }
 
 }  // namespace vmdedup::testing

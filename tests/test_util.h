@@ -45,6 +45,11 @@ std::string FileSha256(const std::string& path);
 std::string RandomBytes(size_t n, uint64_t seed);
 // The path of the built vmdedup binary.
 std::string VmdedupBinary();
+// Flips one bit in the middle of snapshot record `disk`/`seq` of `vm` in the
+// repository at `repo`, keeping its key: the record's checksum then fails.
+// Returns "" or what went wrong (for an ASSERT_EQ(..., "")).
+std::string DamageSnapshotRecord(const std::string& repo, const std::string& vm,
+                                 const std::string& disk, uint64_t seq);
 
 // An nbdkit server of a raw image on a unix socket (`socket_path`) that
 // serves one read at a time, each after `delay` ("0.3" seconds), and appends
