@@ -209,7 +209,7 @@ struct SegmentJob {
   // are, back to back; workers compress straight into it. Each is at most
   // its blocks' size, so read_bytes bounds the whole.
   Arena compressed;
-  Status status;
+  Status status;  // what Process returned; set before `done`
   bool submitted = false;
   std::promise<void> done;
   std::future<void> future = done.get_future();
@@ -274,7 +274,8 @@ class BackupRun {
   Status Prepare();
   Status PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc,
                      const std::vector<Extent>* dirty);
-  void Process(SegmentJob& job);
+  void Dispatch(SegmentJob* job);
+  Status Process(SegmentJob& job);
   void MakeFrames(SegmentJob& job, WorkerState& ws);
   Status Commit(SegmentJob& job);
   Status FlushReads();
@@ -456,7 +457,17 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
   return Status::OK();
 }
 
-void BackupRun::Process(SegmentJob& job) {
+// Hands a job whose data is in its buffer to the workers. Commit waits for
+// `done` and checks the job's status before it uses anything else of it.
+void BackupRun::Dispatch(SegmentJob* job) {
+  job->submitted = true;
+  pool_.Submit([this, job] {
+    job->status = Process(*job);
+    job->done.set_value();
+  });
+}
+
+Status BackupRun::Process(SegmentJob& job) {
   thread_local WorkerState ws;
   ws.SetUp(cfg_.compression_level);
   std::unordered_map<Fingerprint, const BlockRef*, FingerprintHash> parent_blocks;
@@ -521,6 +532,7 @@ void BackupRun::Process(SegmentJob& job) {
     }
   }
   MakeFrames(job, ws);
+  return Status::OK();
 }
 
 // Groups the job's new blocks, in offset order, into frames of at most
@@ -741,13 +753,7 @@ Status BackupRun::FlushReads() {
             {job->offset + item.begin, item.end - item.begin, job->buffer.data() + item.begin});
   Status st = req_.source->ReadMany(reqs);
   if (!st.ok()) return st.WithContext("read " + req_.source->Describe());
-  for (SegmentJob* job : read_batch_) {
-    job->submitted = true;
-    pool_.Submit([this, job] {
-      Process(*job);
-      job->done.set_value();
-    });
-  }
+  for (SegmentJob* job : read_batch_) Dispatch(job);
   read_batch_.clear();
   read_batch_bytes_ = 0;
   return Status::OK();
@@ -809,11 +815,7 @@ Result<SnapshotRecord> BackupRun::Run() {
       queue_.push_back(std::move(job));
       if (!raw->reuse) {
         if (raw->read_bytes == 0) {
-          raw->submitted = true;
-          pool_.Submit([this, raw] {
-            Process(*raw);
-            raw->done.set_value();
-          });
+          Dispatch(raw);
         } else {
           read_batch_.push_back(raw);
           read_batch_bytes_ += raw->read_bytes;
