@@ -21,10 +21,10 @@ Options:
                         Default: cdc (3% less stored data and 21% less
                         metadata on a Debian fleet: docs/chunking.md).
   --compression-level N zstd level for new blocks: 1-19, or -7 to -1 for zstd's
-                        fast levels (default 1; in 64 KiB frames of a Debian
-                        guest, level 3 took 60% more CPU and stored 4% less,
-                        level -1 took 9% less and stored 8% more; see
-                        docs/benchmarks.md, "zstd's hash table")
+                        fast levels (default 1; on 64 KiB frames of a Debian
+                        guest, zstd at level 3 took 60% more CPU time and
+                        stored 4% less, at level -1 9% less time and 8% more;
+                        see docs/benchmarks.md, "zstd's hash table")
   --frame-size SIZE     the most new-block data compressed together as one zstd
                         frame: 4K to 1M, or 0 for one frame a block (default
                         64K: on a Debian guest 8% less stored and a third less

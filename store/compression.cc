@@ -39,7 +39,11 @@ size_t Compressor::Run(std::span<const uint8_t> in, std::span<uint8_t> out) {
     const bool tuned = in.size() > kTunedAbove && in.size() <= kTunedUpTo;
     const int hash_log = tuned ? kTunedHashLog : 0;  // 0: zstd's own
     if (hash_log != hash_log_) {
-      ZSTD_CCtx_setParameter(ctx_, ZSTD_c_hashLog, hash_log);
+      // Parameters may change only between frames: end any frame a failed
+      // call left open. An error here stores the input as it is.
+      ZSTD_CCtx_reset(ctx_, ZSTD_reset_session_only);
+      const size_t r = ZSTD_CCtx_setParameter(ctx_, ZSTD_c_hashLog, hash_log);
+      if (ZSTD_isError(r)) return r;
       hash_log_ = hash_log;
     }
   }

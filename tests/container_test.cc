@@ -573,41 +573,54 @@ TEST(CompressionTest, CompressIntoMatchesCompressViewAndStaysInside) {
   EXPECT_EQ(none.bytes.size(), text.size());
 }
 
-// Level 1 compresses inputs of 16-128 KiB with a 2^12-entry hash table and
-// smaller and larger ones with zstd's own parameters, whatever the order of
-// sizes.
-TEST(CompressionTest, LevelOneUsesTheSmallHashTableOnlyFor16To128KiB) {
+// Level 1 compresses inputs of more than 16 KiB and up to 128 KiB with a
+// 2^12-entry hash table, and smaller and larger ones exactly as zstd's
+// one-shot ZSTD_compressCCtx does, whatever the order of sizes; other levels
+// are ZSTD_compressCCtx's at every size.
+TEST(CompressionTest, LevelOneUsesTheSmallHashTableAbove16UpTo128KiB) {
   // Log-like text: many repeats, at distances a smaller table loses some of.
   std::mt19937 rng(5);
   std::string text;
   while (text.size() < 300 * 1024)
     text += "host" + std::to_string(rng() % 50) + " event " + std::to_string(rng() % 1000) +
             " value " + std::to_string(rng() % 100000) + "\n";
-  auto reference = [](const std::string& in, int hash_log) {
+  auto one_shot = [](const std::string& in, int level) {
+    ZSTD_CCtx* ctx = ZSTD_createCCtx();
+    std::string out(ZSTD_compressBound(in.size()), '\0');
+    const size_t n = ZSTD_compressCCtx(ctx, out.data(), out.size(), in.data(), in.size(), level);
+    ZSTD_freeCCtx(ctx);
+    EXPECT_FALSE(ZSTD_isError(n)) << ZSTD_getErrorName(n);
+    out.resize(ZSTD_isError(n) ? 0 : n);
+    return out;
+  };
+  auto with_hash_log_12 = [](const std::string& in) {
     ZSTD_CCtx* ctx = ZSTD_createCCtx();
     ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, 1);
-    if (hash_log != 0) ZSTD_CCtx_setParameter(ctx, ZSTD_c_hashLog, hash_log);
+    ZSTD_CCtx_setParameter(ctx, ZSTD_c_hashLog, 12);
     std::string out(ZSTD_compressBound(in.size()), '\0');
     const size_t n = ZSTD_compress2(ctx, out.data(), out.size(), in.data(), in.size());
     ZSTD_freeCCtx(ctx);
-    EXPECT_FALSE(ZSTD_isError(n));
-    out.resize(n);
+    EXPECT_FALSE(ZSTD_isError(n)) << ZSTD_getErrorName(n);
+    out.resize(ZSTD_isError(n) ? 0 : n);
     return out;
   };
   struct Case {
     std::string in, want;
   };
   std::vector<Case> cases;
-  for (size_t size : {8 * 1024, 64 * 1024, 128 * 1024, 256 * 1024}) {
+  const std::vector<size_t> sizes = {8 * 1024,   16 * 1024,      16 * 1024 + 1, 64 * 1024,
+                                     128 * 1024, 128 * 1024 + 1, 256 * 1024};
+  for (size_t size : sizes) {
     const std::string in = text.substr(0, size);
     const bool tuned = size > 16 * 1024 && size <= 128 * 1024;
-    const std::string with_12 = reference(in, 12), with_default = reference(in, 0);
-    ASSERT_NE(with_12, with_default) << size << ": the input does not tell the tables apart";
-    cases.push_back({in, tuned ? with_12 : with_default});
+    const std::string tuned_form = with_hash_log_12(in), plain_form = one_shot(in, 1);
+    ASSERT_NE(tuned_form, plain_form) << size << ": the input does not tell the tables apart";
+    cases.push_back({in, tuned ? tuned_form : plain_form});
   }
   Compressor c(1);
   std::string out, back;
-  for (size_t k : {0, 1, 3, 1, 0, 2, 3, 2}) {  // every change of tier, both ways
+  // Every change between the tiers, both ways.
+  for (size_t k : {0, 3, 6, 3, 0, 1, 2, 1, 4, 5, 4, 6, 2}) {
     const Case& cs = cases[k];
     ASSERT_EQ(c.Compress(Bytes(cs.in), &out), Compression::kZstd);
     EXPECT_EQ(out, cs.want) << cs.in.size();
@@ -616,15 +629,15 @@ TEST(CompressionTest, LevelOneUsesTheSmallHashTableOnlyFor16To128KiB) {
             .ok());
     EXPECT_EQ(back, cs.in);
   }
-  const std::string small = cases[1].in;
   // Other levels keep zstd's parameters at every size.
-  Compressor c3(3);
-  ASSERT_EQ(c3.Compress(Bytes(small), &out), Compression::kZstd);
-  ZSTD_CCtx* ctx = ZSTD_createCCtx();
-  std::string want(ZSTD_compressBound(small.size()), '\0');
-  want.resize(ZSTD_compressCCtx(ctx, want.data(), want.size(), small.data(), small.size(), 3));
-  ZSTD_freeCCtx(ctx);
-  EXPECT_EQ(out, want);
+  for (int level : {-1, 3}) {
+    Compressor other(level);
+    for (size_t size : {8 * 1024, 64 * 1024, 256 * 1024}) {
+      const std::string in = text.substr(0, size);
+      ASSERT_EQ(other.Compress(Bytes(in), &out), Compression::kZstd) << level << " " << size;
+      EXPECT_EQ(out, one_shot(in, level)) << level << " " << size;
+    }
+  }
 }
 
 TEST(CompressionTest, WrongLengthOrBadPayloadIsCorruption) {
