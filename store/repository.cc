@@ -115,6 +115,15 @@ Status WriteFileDurably(const std::string& path, const std::string& data) {
   return SyncDirectory(fs::path(path).parent_path().string());
 }
 
+// Empties a lock file we hold and releases it: the pid written there names
+// the holder only while it holds the lock.
+void ReleaseLockFile(int fd) {
+  if (::ftruncate(fd, 0) != 0) {
+    // Informational only, as when the pid was written.
+  }
+  ::close(fd);
+}
+
 std::string ReadLockHolder(const std::string& lock_path) {
   std::ifstream in(lock_path);
   std::string pid;
@@ -123,9 +132,9 @@ std::string ReadLockHolder(const std::string& lock_path) {
 }
 
 // Who holds a VM's metadata open when opening it failed Busy. A writer (a
-// backup) also holds the lock file and wrote its pid there; a reader (serve,
-// restore, check, snapshots) holds only the metadata, so the pid in the lock
-// file is the last writer's and means nothing then. `we_hold_lock`: the
+// backup) also holds the lock file and wrote its pid there (and empties it
+// when it lets go); a reader (serve, restore, check, snapshots) holds only
+// the metadata, so the lock file names no one then. `we_hold_lock`: the
 // caller is a writer that has just taken the lock file itself.
 std::string MetadataHolder(const std::string& lock_path, bool we_hold_lock) {
   if (!we_hold_lock) {
@@ -261,13 +270,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   }
   auto meta = OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite);
   if (!meta.ok()) {
-    if (lock_fd >= 0) {
-      // Our pid must not stay behind as the holder named by the next Busy.
-      if (::ftruncate(lock_fd, 0) != 0) {
-        // Informational only, as when it was written.
-      }
-      ::close(lock_fd);
-    }
+    if (lock_fd >= 0) ReleaseLockFile(lock_fd);
     if (meta.status().IsBusy())
       return Status::Busy("VM '" + vm + "' is in use by " +
                           MetadataHolder(lock_path, lock_fd >= 0) + "; retry when it has finished");
@@ -294,7 +297,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
 }
 
 RepoLock::~RepoLock() {
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0) ReleaseLockFile(fd_);
 }
 
 Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
@@ -325,7 +328,7 @@ VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_f
 
 VmStore::~VmStore() {
   meta_.reset();  // close the database before releasing the lock
-  if (lock_fd_ >= 0) ::close(lock_fd_);
+  if (lock_fd_ >= 0) ReleaseLockFile(lock_fd_);
 }
 
 Result<std::vector<SnapshotRecord>> VmStore::ListSnapshots(const std::string& disk) {

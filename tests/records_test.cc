@@ -411,6 +411,12 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   EXPECT_TRUE((*repo)->OpenVm("vm1", Repository::Access::kRead).status().IsNotFound());
   auto writer = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
   ASSERT_TRUE(writer.ok()) << writer.status().ToString();
+  // The lock file names its holder while it is held, and no one after.
+  auto lock_file = [&] {
+    std::ifstream lock(path + "/vms/vm1/lock");
+    return std::string((std::istreambuf_iterator<char>(lock)), std::istreambuf_iterator<char>());
+  };
+  EXPECT_EQ(lock_file(), std::to_string(::getpid()) + "\n");
   // A second writer is refused by the lock, with a message naming the VM.
   auto second = (*again)->OpenVm("vm1", Repository::Access::kWrite);
   ASSERT_TRUE(second.status().IsBusy()) << second.status().ToString();
@@ -421,6 +427,7 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(*b, *a + 1);
   writer = Status::Aborted("closed");  // releases the VM
+  EXPECT_EQ(lock_file(), "") << "the writer's pid stayed in the lock file after it let go";
   auto third = (*again)->OpenVm("vm1", Repository::Access::kWrite);
   ASSERT_TRUE(third.ok()) << third.status().ToString();
   EXPECT_EQ(*(*third)->AllocateContainerId(), *b + 1);
@@ -441,9 +448,7 @@ TEST(RepositoryTest, CreateOpenAndLock) {
     ASSERT_TRUE(blocked.status().IsBusy()) << blocked.status().ToString();
     EXPECT_NE(blocked.status().message().find("reads it"), std::string::npos)
         << blocked.status().ToString();
-    std::ifstream lock(path + "/vms/vm1/lock");
-    std::string holder((std::istreambuf_iterator<char>(lock)), std::istreambuf_iterator<char>());
-    EXPECT_EQ(holder, "") << "the failed writer's pid stayed in the lock file";
+    EXPECT_EQ(lock_file(), "") << "the failed writer's pid stayed in the lock file";
   }
   auto vms = (*again)->ListVms();
   ASSERT_TRUE(vms.ok());
