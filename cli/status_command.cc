@@ -26,11 +26,13 @@ Options:
   --json              one JSON object on stdout
   -h, --help          this text
 
-In --json output a series the repository cannot read (damaged or unreadable
-metadata) has an "error" member instead of its last snapshot.
+A series of a disk (its bitmap is on the disk, or its VM is the one named
+with --vm) whose snapshots the repository cannot read (damaged or unreadable
+metadata) is shown with the error; in --json output it has an "error"
+member and "last_snapshot": null. 'vmdedup check' says what is damaged.
 
-Exit codes: 0 success, 1 failure (QEMU unreachable, or a disk series of the
-repository could not be read: shown with its error), 2 bad usage.
+Exit codes: 0 success, 1 failure (QEMU unreachable, or such a series could
+not be read), 2 bad usage.
 )";
 
 struct Series {
@@ -58,6 +60,7 @@ int StatusCommand(int argc, char** argv) {
 
   std::unique_ptr<Repository> repo;
   std::vector<std::string> vms;
+  const bool named_vm = args->Has("vm");
   if (args->Has("repo") || std::getenv("VMDEDUP_REPO")) {
     auto path = args->Repo();
     if (!path.ok()) return ReportError(path.status());
@@ -117,7 +120,8 @@ int StatusCommand(int argc, char** argv) {
           has_bitmap = has_bitmap || b.name.rfind(prefix, 0) == 0;
         // Not found: the VM or the series has no snapshot (shown only when
         // its bitmap is on the disk). Any other error is the repository's,
-        // and is shown rather than hidden.
+        // and is shown rather than hidden for a series of this disk: one
+        // whose bitmap is on it, or of the VM named with --vm.
         Status unreadable;
         if (store.ok()) {
           auto latest = (*store)->LatestSnapshot(d.name);
@@ -139,6 +143,7 @@ int StatusCommand(int argc, char** argv) {
           continue;
         }
         if (!unreadable.ok()) {
+          if (!has_bitmap && !named_vm) continue;  // not this disk's series, as far as we know
           js["error"] = unreadable.ToString();
           repo_errors++;
         }

@@ -441,8 +441,30 @@ TEST_F(LiveBackupTest, FullThenChainedIncrementalsReadOnlyDirtyExtentsAndRestore
   EXPECT_TRUE(Contains(text.out, "dirty 64.0 KiB")) << text.out;
   EXPECT_TRUE(Contains(text.out, "last snapshot vm1/vd0/4")) << text.out;
 
-  // A series whose snapshots cannot be read is shown with its error, and
-  // status fails, rather than leaving the series out.
+  // A damaged series of another VM, with no bitmap on this guest's disk, is
+  // not this disk's business: status leaves it out and succeeds, unless that
+  // VM is the one asked about.
+  {
+    const std::string other = dir_.Sub("other.raw");
+    std::ofstream(other) << std::string(256 * 1024, 'o');
+    auto b = Vmdedup({"backup", "-r", repo_, "--vm", "other", "--disk", "vd0", "file:" + other});
+    ASSERT_EQ(b.exit_code, 0) << b.err;
+    ASSERT_EQ(testing::DamageSnapshotRecord(repo_, "other", "vd0", 1), "");
+    auto unrelated = Vmdedup({"status", "-r", repo_, "--json", "qemu:" + g.Socket()});
+    EXPECT_EQ(unrelated.exit_code, 0) << unrelated.out << unrelated.err;
+    json uj = json::parse(unrelated.out);
+    ASSERT_EQ(uj["disks"][0]["series"].size(), 1u) << unrelated.out;
+    EXPECT_EQ(uj["disks"][0]["series"][0]["last_snapshot"], "vm1/vd0/4") << unrelated.out;
+    auto asked = Vmdedup({"status", "-r", repo_, "--vm", "other", "--json", "qemu:" + g.Socket()});
+    EXPECT_EQ(asked.exit_code, 1) << asked.out << asked.err;
+    json aj = json::parse(asked.out);
+    ASSERT_EQ(aj["disks"][0]["series"].size(), 1u) << asked.out;
+    EXPECT_EQ(aj["disks"][0]["series"][0]["series"], "other/vd0") << asked.out;
+    EXPECT_TRUE(aj["disks"][0]["series"][0].contains("error")) << asked.out;
+  }
+
+  // A series of this disk whose snapshots cannot be read is shown with its
+  // error, and status fails, rather than leaving the series out.
   ASSERT_EQ(testing::DamageSnapshotRecord(repo_, "vm1", "vd0", 4), "");
   auto damaged = Vmdedup({"status", "-r", repo_, "--json", "qemu:" + g.Socket()});
   EXPECT_EQ(damaged.exit_code, 1) << damaged.out << damaged.err;
