@@ -25,7 +25,7 @@
 # Environment: FLEET, VM (default vm02-dev: the most data), PARTS="first incr big" (or bigctl),
 #   CONFIGS="fixed:1 fixed:3 fixed:-1 cdc:1", REPEAT=3, CHURN=5, SEED=7, BIG=64G,
 #   BUILD=/work/main/build, VMDEDUP=$BUILD/cli/vmdedup (another vmdedup binary to measure),
-#   MIN_FREE (GiB that must be free under OUT; 12 with big or bigctl, else 6).
+#   MIN_FREE (GiB that must be free under OUT; by default the sum for PARTS: see below).
 # Every timed command runs under /usr/bin/time -v; the load average is logged
 # before each. bench/throughput_report.py OUT prints the tables.
 set -euo pipefail
@@ -45,11 +45,21 @@ RAW="$FLEET/$VM/snap-0.raw"
 
 mkdir -p "$OUT"/{bin,time,json,log}
 # A full disk turns every backup into a NoSpace failure and the figures into
-# nonsense; refuse to start without room (MIN_FREE GiB; by default 12 when
-# PARTS has "big" or "bigctl", which write a 64 GiB sparse image with 4.6
-# GiB of data and about 5 GiB of repositories, else 6 for "first" and
-# "incr", which leave about 5.5 GiB in OUT/work).
-if [[ " $PARTS " == *" big"* ]]; then MIN_FREE=${MIN_FREE:-12}; else MIN_FREE=${MIN_FREE:-6}; fi
+# nonsense; refuse to start without room. MIN_FREE (GiB) defaults to the
+# sum of what the parts leave or need at once (estimates from earlier runs):
+# first and incr 6 (OUT/work holds about 5.5 GiB after them), big 12 (a 64
+# GiB sparse image with 4.6 GiB of data, its repositories, a restore),
+# bigctl 10.
+if [[ -z ${MIN_FREE:-} ]]; then
+  MIN_FREE=0
+  [[ " $PARTS " == *" first "* || " $PARTS " == *" incr "* ]] && MIN_FREE=$((MIN_FREE + 6))
+  [[ " $PARTS " == *" big "* ]] && MIN_FREE=$((MIN_FREE + 12))
+  [[ " $PARTS " == *" bigctl "* ]] && MIN_FREE=$((MIN_FREE + 10))
+fi
+if [[ ! $MIN_FREE =~ ^[0-9]+$ ]]; then
+  echo "throughput_bench: MIN_FREE must be a whole number of GiB, not '$MIN_FREE'" >&2
+  exit 2
+fi
 free_gib=$(( $(df --output=avail -B1 "$OUT" | tail -1) >> 30 ))
 if (( free_gib < MIN_FREE )); then
   echo "throughput_bench: only $free_gib GiB free under $OUT; need $MIN_FREE (MIN_FREE=...)" >&2
