@@ -457,8 +457,9 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
   return Status::OK();
 }
 
-// Hands a job whose data is in its buffer to the workers. Commit waits for
-// `done` and checks the job's status before it uses anything else of it.
+// Hands a job whose data is in its buffer to the workers. Run's commit_front
+// waits for `done`; Commit then checks the job's status before it uses
+// anything else of it.
 void BackupRun::Dispatch(SegmentJob* job) {
   job->submitted = true;
   pool_.Submit([this, job] {
