@@ -115,11 +115,19 @@ Status WriteFileDurably(const std::string& path, const std::string& data) {
   return SyncDirectory(fs::path(path).parent_path().string());
 }
 
-// Empties a lock file we hold and releases it: the pid written there names
-// the holder only while it holds the lock.
+// A lock file names its holder while it is held: the holder writes its pid
+// after taking the lock, and empties the file before releasing it. The pid
+// is informational only, so failures to write it are ignored.
+void WriteLockHolder(int fd) {
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
+    // Informational only.
+  }
+}
+
 void ReleaseLockFile(int fd) {
   if (::ftruncate(fd, 0) != 0) {
-    // Informational only, as when the pid was written.
+    // Informational only.
   }
   ::close(fd);
 }
@@ -263,10 +271,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
                             " (a backup of it is running); wait for it to finish");
       return Status::FromErrno(err, "lock " + lock_path);
     }
-    std::string pid = std::to_string(::getpid()) + "\n";
-    if (::ftruncate(lock_fd, 0) != 0 || ::pwrite(lock_fd, pid.data(), pid.size(), 0) < 0) {
-      // The pid is informational only.
-    }
+    WriteLockHolder(lock_fd);
   }
   auto meta = OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite);
   if (!meta.ok()) {
@@ -316,10 +321,7 @@ Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
                           ReadLockHolder(lock_path) + "); wait for it to finish");
     return Status::FromErrno(err, "lock " + lock_path);
   }
-  std::string pid = std::to_string(::getpid()) + "\n";
-  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
-    // The pid is informational only.
-  }
+  WriteLockHolder(fd);
   return std::unique_ptr<RepoLock>(new RepoLock(fd));
 }
 
