@@ -31,7 +31,10 @@ const std::array<std::array<uint32_t, 256>, 8>& Tables() {
   return tables;
 }
 
-uint32_t ExtendPortable(uint32_t crc, const uint8_t* p, size_t n) {
+}  // namespace
+
+uint32_t ExtendTable(uint32_t crc, const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
   const auto& t = Tables();
   uint32_t c = ~crc;
   while (n >= 8) {
@@ -49,8 +52,8 @@ uint32_t ExtendPortable(uint32_t crc, const uint8_t* p, size_t n) {
 }
 
 #if defined(__x86_64__)
-__attribute__((target("sse4.2"))) uint32_t ExtendHardware(uint32_t crc, const uint8_t* p,
-                                                          size_t n) {
+__attribute__((target("sse4.2"))) uint32_t ExtendSse42(uint32_t crc, const void* data, size_t n) {
+  const auto* p = static_cast<const uint8_t*>(data);
   uint64_t c = ~crc;
   while (n >= 8) {
     uint64_t v;
@@ -69,17 +72,14 @@ bool HaveSse42() {
   if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
   return (c & bit_SSE4_2) != 0;
 }
+#else
+bool HaveSse42() { return false; }
+uint32_t ExtendSse42(uint32_t crc, const void* data, size_t n) { return ExtendTable(crc, data, n); }
 #endif
-
-}  // namespace
 
 uint32_t Extend(uint32_t crc, const void* data, size_t n) {
-  const auto* p = static_cast<const uint8_t*>(data);
-#if defined(__x86_64__)
   static const bool hw = HaveSse42();
-  if (hw) return ExtendHardware(crc, p, n);
-#endif
-  return ExtendPortable(crc, p, n);
+  return hw ? ExtendSse42(crc, data, n) : ExtendTable(crc, data, n);
 }
 
 }  // namespace vmdedup::crc32c
