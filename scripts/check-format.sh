@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Fails when a C++ file differs from what clang-format (the checked-in
-# .clang-format) makes of it. Skips quietly when clang-format is absent.
+# .clang-format) makes of it. scripts/setup.sh test installs clang-format.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v clang-format >/dev/null || { echo "check-format: clang-format not installed, skipped"; exit 0; }
+command -v clang-format >/dev/null ||
+  { echo "check-format: clang-format is missing: it comes from the package clang-format (scripts/setup.sh test installs it)" >&2; exit 1; }
 bad=0
 while IFS= read -r f; do
   if ! clang-format --dry-run --Werror "$f" >/dev/null 2>&1; then
