@@ -5,26 +5,21 @@
 // A chunker always ends its last block at the end of the range it is given,
 // so blocks never cross a segment boundary (the caller passes at most one
 // segment). Chunkers are immutable after construction and thread-safe.
+//
+// The parameters (ChunkerParams), their validation and kMaxBlockSize belong to
+// the repository's configuration and live in store/chunker_params.h; this
+// file owns only the chunkers that apply them.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <span>
-#include <string>
 #include <vector>
 
 #include "base/status.h"
+#include "store/chunker_params.h"
 
 namespace vmdedup {
-
-enum class ChunkerKind : uint8_t { kFixed = 0, kCdc = 1 };
-
-struct ChunkerParams {
-  ChunkerKind kind = ChunkerKind::kCdc;
-  uint32_t avg_size = 4096;   // fixed: the block size
-  uint32_t min_size = 1024;   // cdc only
-  uint32_t max_size = 16384;  // cdc only
-};
 
 class Chunker {
  public:
@@ -35,8 +30,8 @@ class Chunker {
   virtual const ChunkerParams& params() const = 0;
 };
 
+// A chunker for `params`; InvalidArgument when ValidateChunkerParams rejects
+// them.
 Result<std::unique_ptr<Chunker>> NewChunker(const ChunkerParams& params);
-const char* ChunkerKindName(ChunkerKind kind);
-Result<ChunkerKind> ParseChunkerKind(const std::string& name);
 
 }  // namespace vmdedup

@@ -21,6 +21,7 @@
 
 #include "base/fingerprint.h"
 #include "base/status.h"
+#include "store/chunker_params.h"
 #include "store/compression.h"
 
 namespace vmdedup {
@@ -35,8 +36,8 @@ constexpr size_t kFrameTableEntrySize = 36;  // fingerprint, u32 raw length
 constexpr uint32_t kMaxFrameBlocks = 256;
 constexpr size_t kContainerTrailerSize = 32;
 constexpr size_t kMaxContainerSize = 64u << 20;  // maps onto one RADOS object
-// The most plaintext one record holds (a block, or a frame's blocks together).
-constexpr uint32_t kMaxBlockSize = 1u << 20;
+// kMaxBlockSize (store/chunker_params.h) is the most plaintext one record
+// holds (a block, or a frame's blocks together).
 
 // A record as written or listed. For a block record, `fingerprint` and
 // `raw_len` are its block's; for a frame record `block_count` > 1, `raw_len`

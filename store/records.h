@@ -16,7 +16,7 @@
 
 #include "base/fingerprint.h"
 #include "base/status.h"
-#include "engine/chunker.h"
+#include "store/chunker_params.h"
 
 namespace vmdedup {
 

@@ -15,6 +15,7 @@
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
+#include "store/chunker_params.h"
 #include "store/container.h"
 #include "store/sync_directory.h"
 
@@ -178,9 +179,7 @@ Status ValidateRepoConfig(const RepoConfig& c) {
     return Status::InvalidArgument("a format version 1 repository has no multi-block frames");
   if (c.chunker.max_size > c.segment_size)
     return Status::InvalidArgument("the largest block must not exceed the segment size");
-  auto chunker = NewChunker(c.chunker);
-  if (!chunker.ok()) return chunker.status();
-  return Status::OK();
+  return ValidateChunkerParams(c.chunker);
 }
 
 Repository::Repository(std::string path, RepoConfig config)

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "base/status.h"
-#include "engine/chunker.h"
+#include "store/chunker_params.h"
 #include "store/metadata_store.h"
 #include "store/object_store.h"
 #include "store/records.h"

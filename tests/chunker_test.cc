@@ -1,4 +1,5 @@
-// Tests for the fixed and content-defined chunkers (engine/chunker.h).
+// Tests for the fixed and content-defined chunkers (engine/chunker.h) and
+// their parameters' validation (store/chunker_params.h).
 #include "engine/chunker.h"
 
 #include <gtest/gtest.h>
@@ -8,6 +9,8 @@
 #include <numeric>
 #include <set>
 #include <vector>
+
+#include "store/chunker_params.h"
 
 namespace vmdedup {
 namespace {
@@ -268,17 +271,49 @@ TEST(ChunkerTest, RejectsBadParams) {
       ChunkerParams{static_cast<ChunkerKind>(7), 4096, 1024, 16384},
   };
   for (const auto& p : bad) {
+    // The repository's configuration checks them without a chunker
+    // (ValidateChunkerParams); NewChunker refuses them with the same status.
+    Status st = ValidateChunkerParams(p);
+    EXPECT_TRUE(st.IsInvalidArgument())
+        << p.min_size << "/" << p.avg_size << "/" << p.max_size << ": " << st.ToString();
     auto c = NewChunker(p);
     EXPECT_FALSE(c.ok()) << p.min_size << "/" << p.avg_size << "/" << p.max_size;
     if (!c.ok()) {
       EXPECT_TRUE(c.status().IsInvalidArgument()) << c.status().ToString();
+      EXPECT_EQ(c.status().message(), st.message());
     }
   }
   // Limits themselves are fine; fixed ignores min and max.
-  EXPECT_TRUE(NewChunker(Cdc(1 << 20, 1 << 20, 1 << 20)).ok());
-  EXPECT_TRUE(NewChunker(Cdc(64, 64, 64)).ok());
-  EXPECT_TRUE(NewChunker(Fixed(1 << 20)).ok());
-  EXPECT_TRUE(NewChunker(ChunkerParams{ChunkerKind::kFixed, 65536, 0, 0}).ok());
+  const std::vector<ChunkerParams> good = {
+      Cdc(1 << 20, 1 << 20, 1 << 20),
+      Cdc(64, 64, 64),
+      Fixed(1 << 20),
+      ChunkerParams{ChunkerKind::kFixed, 65536, 0, 0},
+      ChunkerParams{},
+  };
+  for (const auto& p : good) {
+    Status st = ValidateChunkerParams(p);
+    EXPECT_TRUE(st.ok()) << p.min_size << "/" << p.avg_size << "/" << p.max_size << ": "
+                         << st.ToString();
+    EXPECT_TRUE(NewChunker(p).ok()) << p.min_size << "/" << p.avg_size << "/" << p.max_size;
+  }
+}
+
+TEST(ChunkerTest, ValidationMessages) {
+  EXPECT_EQ(ValidateChunkerParams(Fixed(0)).message(), "chunker: avg_size is zero");
+  EXPECT_EQ(ValidateChunkerParams(Fixed(2u << 20)).message(),
+            "chunker: avg_size 2097152 exceeds 1 MiB");
+  EXPECT_EQ(ValidateChunkerParams(Fixed(3000)).message(),
+            "chunker: avg_size 3000 is not a power of two");
+  EXPECT_EQ(ValidateChunkerParams(Cdc(1024, 4096, 0)).message(), "chunker: max_size is zero");
+  EXPECT_EQ(ValidateChunkerParams(Cdc(16, 32, 64)).message(),
+            "chunker: cdc avg_size 32 is below 64");
+  EXPECT_EQ(ValidateChunkerParams(Cdc(8192, 4096, 16384)).message(),
+            "chunker: need min_size <= avg_size <= max_size, got 8192 / 4096 / 16384");
+  EXPECT_EQ(ValidateChunkerParams(ChunkerParams{static_cast<ChunkerKind>(7), 4096, 1024, 16384})
+                .message(),
+            "chunker: unknown kind 7");
+  EXPECT_EQ(kMaxBlockSize, 1u << 20);
 }
 
 TEST(ChunkerTest, ParamsAreKept) {

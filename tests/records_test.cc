@@ -562,6 +562,33 @@ TEST(RepositoryTest, FrameSizeOutOfRangeIsRefused) {
   EXPECT_TRUE(ValidateRepoConfig(cfg).ok());
 }
 
+TEST(RepositoryTest, BadChunkerIsRefused) {
+  testing::ScratchDir dir;
+  RepoConfig cfg;
+  ASSERT_TRUE(ValidateRepoConfig(cfg).ok());
+  cfg.chunker = {ChunkerKind::kCdc, 4096, 8192, 16384};  // min > avg
+  Status st = ValidateRepoConfig(cfg);
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+  EXPECT_NE(st.message().find("min_size <= avg_size <= max_size"), std::string::npos)
+      << st.ToString();
+  st = Repository::Create(dir.Sub("created"), cfg).status();
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+  EXPECT_FALSE(std::filesystem::exists(dir.Sub("created") + "/vmdedup-repo"));
+  cfg.chunker = {static_cast<ChunkerKind>(7), 4096, 1024, 16384};
+  EXPECT_TRUE(ValidateRepoConfig(cfg).IsInvalidArgument());
+  cfg.chunker = {ChunkerKind::kFixed, 3000, 0, 0};  // not a power of two
+  EXPECT_TRUE(ValidateRepoConfig(cfg).IsInvalidArgument());
+
+  // Opening a configuration whose chunker is invalid fails the same way.
+  std::string body = ConfigBody(2, 65536);
+  const std::string min = "\"chunk_min\": 2048";
+  ASSERT_NE(body.find(min), std::string::npos);
+  body.replace(body.find(min), min.size(), "\"chunk_min\": 16384");
+  std::string path = WriteRepoConfig(dir, "opened", ConfigFileBytes(body));
+  st = Repository::Open(path).status();
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+}
+
 TEST(RepositoryTest, ConfigurationVersions) {
   testing::ScratchDir dir;
   // Version 1, made before frame records: no frame_size, reads as 0.
