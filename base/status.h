@@ -19,7 +19,7 @@
 
 namespace vmdedup {
 
-class Status {
+class [[nodiscard]] Status {
  public:
   enum class Code {
     kOk = 0,

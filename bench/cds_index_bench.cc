@@ -135,7 +135,7 @@ int Main(int argc, char** argv) {
 
   // The same index with confirmations from memory: the cost of the index
   // itself, without the read.
-  std::unique_ptr<CdsIndex> in_memory = CdsIndex::BuildForTest(
+  std::unique_ptr<CdsIndex> in_memory = CdsIndex::FromEntries(
       1, entries, [&](uint64_t i) -> Result<Fingerprint> { return entries[i].fingerprint; });
 
   std::printf("CDS index: %llu entries, %u index part(s), written in %.2f s, loaded in %.2f s\n",

@@ -79,7 +79,7 @@ Result<std::unique_ptr<CdsIndex>> CdsIndex::Load(ObjectStore* objects, uint64_t 
   return Result<std::unique_ptr<CdsIndex>>(std::move(index));
 }
 
-std::unique_ptr<CdsIndex> CdsIndex::BuildForTest(
+std::unique_ptr<CdsIndex> CdsIndex::FromEntries(
     uint64_t version, const std::vector<CdsEntry>& entries,
     std::function<Result<Fingerprint>(uint64_t entry)> full) {
   std::unique_ptr<CdsIndex> index(new CdsIndex());

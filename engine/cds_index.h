@@ -29,9 +29,10 @@ class CdsIndex final : public CommonBlockIndex {
   // Reads a published version's index objects. Corruption names the object.
   // `objects` must outlive the index: Lookup reads confirmations from it.
   static Result<std::unique_ptr<CdsIndex>> Load(ObjectStore* objects, uint64_t version);
-  // For tests: an index over `entries` (sorted by fingerprint) whose full
-  // fingerprints come from `full` (entry number → fingerprint).
-  static std::unique_ptr<CdsIndex> BuildForTest(
+  // An index over `entries` (sorted by fingerprint) whose full fingerprints
+  // come from `full` (entry number → fingerprint): an index held elsewhere
+  // than in a published version (tests, benchmarks).
+  static std::unique_ptr<CdsIndex> FromEntries(
       uint64_t version, const std::vector<CdsEntry>& entries,
       std::function<Result<Fingerprint>(uint64_t entry)> full);
 

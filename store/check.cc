@@ -460,6 +460,32 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
             {CheckFinding::Kind::kSkipped, name, vm.status().message(), {}, 0});
         continue;
       }
+      if (vm.status().IsNotFound()) {
+        // No metadata store: a first backup that did not get as far as
+        // creating it left the directory. Without containers there is
+        // nothing to lose; with them, the VM's history is gone.
+        std::vector<std::string> objects;
+        RETURN_IF_ERROR(repo.objects()->List("vms/" + name + "/data/", &objects));
+        if (objects.empty()) {
+          report.findings.push_back({CheckFinding::Kind::kReclaimable,
+                                     name,
+                                     "VM '" + name +
+                                         "' has neither metadata nor containers: the leftover "
+                                         "of a first backup that did not commit",
+                                     {},
+                                     0});
+          continue;
+        }
+        report.findings.push_back(
+            {CheckFinding::Kind::kError,
+             name,
+             "VM '" + name + "' has " + std::to_string(objects.size()) +
+                 " containers but no metadata store: its snapshots cannot be read (" +
+                 vm.status().message() + ")",
+             {},
+             0});
+        continue;
+      }
       if (!options.vm.empty()) return vm.status();
       report.findings.push_back({CheckFinding::Kind::kError, name, vm.status().ToString(), {}, 0});
       continue;

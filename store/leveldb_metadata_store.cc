@@ -114,7 +114,8 @@ class LevelDbMetadataStore final : public MetadataStore {
 }  // namespace
 
 Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::string& path,
-                                                                bool create_if_missing) {
+                                                                bool create_if_missing,
+                                                                leveldb::Env* env) {
   std::unique_ptr<leveldb::Cache> cache(leveldb::NewLRUCache(kBlockCacheBytes));
   std::unique_ptr<const leveldb::FilterPolicy> filter(
       leveldb::NewBloomFilterPolicy(kBloomBitsPerKey));
@@ -125,8 +126,24 @@ Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::strin
   options.filter_policy = filter.get();
   options.write_buffer_size = kWriteBufferBytes;
   options.max_open_files = kMaxOpenFiles;
+  if (env != nullptr) options.env = env;
   leveldb::DB* db = nullptr;
   leveldb::Status s = leveldb::DB::Open(options, path, &db);
+  if (s.IsCorruption()) {
+    // A power cut can leave the log's tail (batches written after its last
+    // sync, never acknowledged as durable) torn or partly zero, which
+    // paranoid recovery refuses. Recovery without it drops the damaged
+    // records and rewrites the log without them; the store then opens with
+    // its checks on again. What is still damaged after that is reported.
+    leveldb::Options lenient = options;
+    lenient.paranoid_checks = false;
+    s = leveldb::DB::Open(lenient, path, &db);
+    if (s.ok()) {
+      delete db;
+      db = nullptr;
+      s = leveldb::DB::Open(options, path, &db);
+    }
+  }
   if (!s.ok()) {
     std::string msg = s.ToString();
     // LevelDB reports its LOCK file held, by this process ("already held by

@@ -1,6 +1,7 @@
 // ObjectStore over a local directory: one file per object. See object_store.h
 // for the contract; this file adds how atomicity and durability are obtained
-// (write a temporary, fsync, rename, fsync the directory).
+// (write a temporary, fsync, rename, fsync the directory), every write
+// through a FileSystem.
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -15,10 +16,12 @@
 #include <cstring>
 #include <ctime>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string_view>
 
+#include "store/file_system.h"
 #include "store/object_store.h"
-#include "store/sync_directory.h"
 
 namespace vmdedup {
 namespace {
@@ -89,103 +92,6 @@ Status ValidateObjectName(const std::string& name) {
   return Status::OK();
 }
 
-// Errors of the write path. ENOENT there means a directory vanished or the
-// root could not be created: an I/O problem, not a missing object.
-Status WriteError(int err, const std::string& what) {
-  if (err == ENOENT) return Status::IOError(what + ": " + std::strerror(err));
-  return Status::FromErrno(err, what);
-}
-
-// Creates `dir` and its missing ancestors below `root` (which must exist);
-// each created directory is made durable by syncing its parent.
-Status MakeDirs(const std::string& root, const std::string& rel_dir) {
-  std::string path = root;
-  size_t start = 0;
-  while (start < rel_dir.size()) {
-    size_t slash = rel_dir.find('/', start);
-    if (slash == std::string::npos) slash = rel_dir.size();
-    std::string parent = path;
-    path += "/" + rel_dir.substr(start, slash - start);
-    start = slash + 1;
-    if (::mkdir(path.c_str(), 0755) == 0) {
-      RETURN_IF_ERROR(SyncDirectory(parent));
-    } else if (errno != EEXIST) {
-      return WriteError(errno, "mkdir " + path);
-    }
-  }
-  return Status::OK();
-}
-
-// Creates `root` and its ancestors (an absolute or cwd-relative path).
-Status MakeRoot(const std::string& root) {
-  std::string path;
-  size_t start = 0;
-  while (start <= root.size()) {
-    size_t slash = root.find('/', start);
-    if (slash == std::string::npos) slash = root.size();
-    path = root.substr(0, slash);
-    start = slash + 1;
-    if (path.empty()) continue;
-    if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) {
-      return Status::FromErrno(errno, "mkdir " + path);
-    }
-  }
-  return Status::OK();
-}
-
-Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "write " + path);
-    }
-    if (w == 0) return Status::IOError("write " + path + ": wrote 0 bytes");
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return Status::OK();
-}
-
-// Objects of at least kDirectMin bytes (containers) are written with
-// O_DIRECT through an aligned bounce buffer: a buffered write copies every
-// byte into fresh page-cache pages, which cost up to 7x the CPU of the direct
-// write on a VM guest, and a new container is not read back soon.
-constexpr size_t kDirectMin = 1u << 20;
-constexpr size_t kDirectAlign = 4096;  // a multiple of every logical block size
-constexpr size_t kDirectBounce = 4u << 20;
-
-struct AlignedFree {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-
-// Writes `n` bytes at the file's offset: the aligned part with O_DIRECT where
-// the filesystem accepts it, the rest (the tail, or all of it where
-// O_DIRECT is refused) buffered. The caller fsyncs.
-Status WriteAllDirect(int fd, const uint8_t* p, size_t n, const std::string& path) {
-  const int flags = ::fcntl(fd, F_GETFL);
-  if (n < kDirectMin || flags < 0 || ::fcntl(fd, F_SETFL, flags | O_DIRECT) != 0) {
-    return WriteAll(fd, p, n, path);
-  }
-  thread_local std::unique_ptr<uint8_t, AlignedFree> bounce(
-      static_cast<uint8_t*>(std::aligned_alloc(kDirectAlign, kDirectBounce)));
-  size_t done = 0;
-  const size_t aligned = n - n % kDirectAlign;
-  while (bounce != nullptr && done < aligned) {
-    const size_t len = std::min(kDirectBounce, aligned - done);
-    std::memcpy(bounce.get(), p + done, len);
-    ssize_t w = ::write(fd, bounce.get(), len);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0 && errno == EINVAL) break;  // O_DIRECT refused after all: buffered
-    if (w < 0) return Status::FromErrno(errno, "write " + path);
-    if (w == 0) return Status::IOError("write " + path + ": wrote 0 bytes");
-    done += static_cast<size_t>(w);
-    if (done % kDirectAlign != 0) break;  // a short write: finish buffered
-  }
-  if (::fcntl(fd, F_SETFL, flags) != 0) return Status::FromErrno(errno, "fcntl " + path);
-  return WriteAll(fd, p + done, n - done, path);
-}
-
 // Reads exactly `n` bytes at `offset`; a short file is Corruption (truncated).
 Status PreadAll(int fd, uint64_t offset, size_t n, char* out, const std::string& name,
                 uint64_t size) {
@@ -247,10 +153,15 @@ bool WriterMayBeAlive(std::string_view temp_name) {
 
 class LocalObjectStore final : public ObjectStore {
  public:
-  explicit LocalObjectStore(std::string root) : root_(std::move(root)) {
+  LocalObjectStore(std::string root, FileSystem* fs) : root_(std::move(root)), fs_(fs) {
     while (root_.size() > 1 && root_.back() == '/') root_.pop_back();
-    // Errors surface on first use, as IOError from Put.
-    (void)MakeRoot(root_);
+    // A missing root and its ancestors are created (a repository's root
+    // exists already: Repository::Create made it durable). Errors surface
+    // on first use, as IOError from Put.
+    for (size_t slash = root_.find('/', 1);; slash = root_.find('/', slash + 1)) {
+      (void)fs_->CreateDir(root_.substr(0, slash));
+      if (slash == std::string::npos) break;
+    }
   }
 
   Status Put(const std::string& name, std::span<const uint8_t> data) override {
@@ -258,34 +169,34 @@ class LocalObjectStore final : public ObjectStore {
     size_t slash = name.rfind('/');
     std::string dir = root_;
     if (slash != std::string::npos) {
-      RETURN_IF_ERROR(MakeDirs(root_, name.substr(0, slash)));
+      RETURN_IF_ERROR(MakeDirs(name.substr(0, slash)));
       dir += "/" + name.substr(0, slash);
     }
     std::string final_path = Path(name);
     std::string tmp_path;
-    int fd = -1;
+    std::unique_ptr<WritableFile> file;
     // A leftover of an earlier process with our PID (after a reboot) may hold
     // a name: take the next counter.
-    for (int attempt = 0; fd < 0 && attempt < 100; attempt++) {
+    for (int attempt = 0; file == nullptr; attempt++) {
       tmp_path = final_path + std::string(kTempMarker) + std::to_string(::getpid()) + "." +
                  std::to_string(counter_.fetch_add(1));
-      fd = ::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-      if (fd < 0 && errno != EEXIST) break;
+      auto created = fs_->NewWritableFile(tmp_path, FileSystem::CreateMode::kExclusive);
+      if (created.ok()) {
+        file = std::move(created).value();
+      } else if (!created.status().IsBusy() || attempt == 99) {
+        return created.status();
+      }
     }
-    if (fd < 0) return WriteError(errno, "create " + tmp_path);
-    FdCloser closer(fd);
-    Status st = WriteAllDirect(fd, data.data(), data.size(), tmp_path);
-    if (st.ok() && ::fsync(fd) != 0) st = WriteError(errno, "fsync " + tmp_path);
-    if (st.ok() && closer.Close() != 0) st = WriteError(errno, "close " + tmp_path);
-    if (st.ok() && ::rename(tmp_path.c_str(), final_path.c_str()) != 0) {
-      st = WriteError(errno, "rename " + tmp_path + " to " + final_path);
-    }
+    Status st = file->Append(data);
+    if (st.ok()) st = file->Sync();
+    if (st.ok()) st = file->Close();
+    file.reset();
+    if (st.ok()) st = fs_->Rename(tmp_path, final_path);
     if (!st.ok()) {
-      closer.Close();
-      ::unlink(tmp_path.c_str());
+      (void)fs_->Remove(tmp_path);  // best effort: check reports what remains
       return st;
     }
-    return SyncDirectory(dir);
+    return fs_->SyncDir(dir);
   }
 
   Status Get(const std::string& name, std::string* out) override {
@@ -334,10 +245,7 @@ class LocalObjectStore final : public ObjectStore {
 
   Status Delete(const std::string& name) override {
     RETURN_IF_ERROR(ValidateObjectName(name));
-    if (::unlink(Path(name).c_str()) != 0 && errno != ENOENT) {
-      return Status::FromErrno(errno, "delete object " + name);
-    }
-    return Status::OK();
+    return fs_->Remove(Path(name)).WithContext("delete object " + name);
   }
 
   Status List(const std::string& prefix, std::vector<std::string>* names) override {
@@ -369,10 +277,7 @@ class LocalObjectStore final : public ObjectStore {
   Status RemoveTemporary(const std::string& name) override {
     RETURN_IF_ERROR(ValidateRelativePath(name));
     if (!IsTemporaryName(name)) return Status::InvalidArgument("not a temporary: " + name);
-    if (::unlink(Path(name).c_str()) != 0 && errno != ENOENT) {
-      return Status::FromErrno(errno, "remove temporary " + name);
-    }
-    return Status::OK();
+    return fs_->Remove(Path(name)).WithContext("remove temporary " + name);
   }
 
   std::string Describe() const override { return root_; }
@@ -434,14 +339,48 @@ class LocalObjectStore final : public ObjectStore {
     return Status::OK();
   }
 
+  // Creates the directories of `rel_dir` below the root that are missing,
+  // and makes each durable by syncing its parent: also when another thread
+  // created it and may not have synced its parent yet (a directory is
+  // known durable only once this store synced that parent).
+  Status MakeDirs(const std::string& rel_dir) {
+    {
+      std::lock_guard<std::mutex> lock(dirs_mu_);
+      if (durable_dirs_.count(rel_dir)) return Status::OK();
+    }
+    std::string path = root_;
+    size_t start = 0;
+    while (start < rel_dir.size()) {
+      size_t slash = rel_dir.find('/', start);
+      if (slash == std::string::npos) slash = rel_dir.size();
+      const std::string parent = path;
+      path += "/" + rel_dir.substr(start, slash - start);
+      const std::string rel = rel_dir.substr(0, slash);
+      start = slash + 1;
+      {
+        std::lock_guard<std::mutex> lock(dirs_mu_);
+        if (durable_dirs_.count(rel)) continue;
+      }
+      ASSIGN_OR_RETURN(bool created, fs_->CreateDir(path));
+      (void)created;
+      RETURN_IF_ERROR(fs_->SyncDir(parent));
+      std::lock_guard<std::mutex> lock(dirs_mu_);
+      durable_dirs_.insert(rel);
+    }
+    return Status::OK();
+  }
+
   std::string root_;
+  FileSystem* fs_;
   std::atomic<uint64_t> counter_{0};
+  std::mutex dirs_mu_;
+  std::set<std::string> durable_dirs_;  // relative paths whose entry this store synced
 };
 
 }  // namespace
 
-std::unique_ptr<ObjectStore> NewLocalObjectStore(const std::string& root) {
-  return std::make_unique<LocalObjectStore>(root);
+std::unique_ptr<ObjectStore> NewLocalObjectStore(const std::string& root, FileSystem* fs) {
+  return std::make_unique<LocalObjectStore>(root, fs != nullptr ? fs : RealFileSystem());
 }
 
 }  // namespace vmdedup

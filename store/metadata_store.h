@@ -17,6 +17,10 @@
 
 #include "base/status.h"
 
+namespace leveldb {
+class Env;
+}
+
 namespace vmdedup {
 
 class WriteBatch {
@@ -62,13 +66,14 @@ class MetadataStore {
   virtual uint64_t ApproximateBytes() = 0;
 };
 
-// LevelDB in directory `path`. Busy when another process (or another handle
-// in this process) has it open; NotFound when it does not exist and
-// `create_if_missing` is false. Bounded memory: 8 MiB block cache, 4 MiB
-// write buffer. ApproximateBytes is the size of the files in `path`.
+// LevelDB in directory `path`, through LevelDB's Env `env` (its default
+// when null; not owned, outlives the store). Busy when another process (or
+// another handle in this process) has it open; NotFound when it does not
+// exist and `create_if_missing` is false. Bounded memory: 8 MiB block
+// cache, 4 MiB write buffer. ApproximateBytes is the size of the files in
+// `path`.
 Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::string& path,
-                                                                bool create_if_missing);
-// In memory, for tests.
-std::unique_ptr<MetadataStore> NewMemoryMetadataStore();
+                                                                bool create_if_missing,
+                                                                leveldb::Env* env = nullptr);
 
 }  // namespace vmdedup

@@ -77,16 +77,19 @@ class ObjectStore {
   }
 };
 
-// Objects as files below `root` (created if missing). Put writes
-// NAME.tmp.PID.COUNTER in NAME's directory (creating missing directories and
-// fsyncing their parents), fsyncs it, renames it over NAME and fsyncs the
-// directory. Object names are relative, '/'-separated, without empty, "." or
-// ".." components, and their last component never contains ".tmp." (that
-// marks temporaries): other names are InvalidArgument. Leftover temporary
-// files of crashed writers are never listed; `ListTemporary` finds them; a
-// temporary's writer "may be alive" while a process with its PID exists on
-// this host. Delete does not fsync the directory: a delete lost in a crash
-// leaves an unreferenced object, which garbage collection removes again.
-std::unique_ptr<ObjectStore> NewLocalObjectStore(const std::string& root);
+// Objects as files below `root` (created if missing), written through `fs`
+// (RealFileSystem() when null; not owned, outlives the store). Put creates
+// the missing directories of NAME (syncing each one's parent), writes
+// NAME.tmp.PID.COUNTER there, syncs it, renames it over NAME and syncs the
+// directory. Object names are relative, '/'-separated, without empty, "."
+// or ".." components, and their last component never contains ".tmp."
+// (that marks temporaries): other names are InvalidArgument. Leftover
+// temporary files of crashed writers are never listed; `ListTemporary`
+// finds them; a temporary's writer "may be alive" while a process with its
+// PID exists on this host. Delete does not sync the directory: a delete
+// lost in a crash leaves an unreferenced object, which garbage collection
+// removes again.
+class FileSystem;
+std::unique_ptr<ObjectStore> NewLocalObjectStore(const std::string& root, FileSystem* fs = nullptr);
 
 }  // namespace vmdedup

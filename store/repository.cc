@@ -17,7 +17,7 @@
 #include "base/encoding.h"
 #include "store/chunker_params.h"
 #include "store/container.h"
-#include "store/sync_directory.h"
+#include "store/file_system.h"
 
 namespace vmdedup {
 namespace fs = std::filesystem;
@@ -88,32 +88,23 @@ Status DecodeConfig(const std::string& data, const std::string& path, RepoConfig
   return ValidateRepoConfig(*c).WithContext(what);
 }
 
-// Writes `data` to PATH.tmp, fsyncs it, renames it over `path` and fsyncs
-// the directory; every step's failure is returned, and the temporary is
-// removed on failure.
-Status WriteFileDurably(const std::string& path, const std::string& data) {
+// Writes `data` to PATH.tmp, syncs it, renames it over `path` and syncs the
+// directory; every step's failure is returned, and the temporary is removed
+// on failure.
+Status WriteFileDurably(FileSystem& fs, const std::string& path, const std::string& data) {
   const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::FromErrno(errno, "create " + tmp);
-  auto fail = [&](const std::string& what) {
-    Status st = Status::FromErrno(errno, what + " " + tmp);
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
+  ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> file,
+                   fs.NewWritableFile(tmp, FileSystem::CreateMode::kTruncate));
+  Status st = file->Append({reinterpret_cast<const uint8_t*>(data.data()), data.size()});
+  if (st.ok()) st = file->Sync();
+  if (st.ok()) st = file->Close();
+  file.reset();
+  if (st.ok()) st = fs.Rename(tmp, path);
+  if (!st.ok()) {
+    (void)fs.Remove(tmp);  // best effort
     return st;
-  };
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail("write");
-    done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) return fail("fsync");
-  int rc = ::close(fd);
-  fd = -1;
-  if (rc != 0) return fail("close");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return fail("rename");
-  return SyncDirectory(fs::path(path).parent_path().string());
+  return fs.SyncDir(fs::path(path).parent_path().string());
 }
 
 // A lock file names its holder while it is held: the holder writes its pid
@@ -182,11 +173,15 @@ Status ValidateRepoConfig(const RepoConfig& c) {
   return ValidateChunkerParams(c.chunker);
 }
 
-Repository::Repository(std::string path, RepoConfig config)
-    : path_(std::move(path)), config_(std::move(config)) {}
+Repository::Repository(std::string path, RepoConfig config, RepositoryOptions options)
+    : path_(std::move(path)),
+      config_(std::move(config)),
+      options_(std::move(options)),
+      fs_(options_.file_system != nullptr ? options_.file_system : RealFileSystem()) {}
 Repository::~Repository() = default;
 
-Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, RepoConfig config) {
+Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, RepoConfig config,
+                                                       RepositoryOptions options) {
   config.format_version = kRepoFormatVersion;
   RETURN_IF_ERROR(ValidateRepoConfig(config));
   std::error_code ec;
@@ -197,22 +192,28 @@ Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, 
       return Status::InvalidArgument(path +
                                      " is not empty; vmdedup init needs a new or empty directory");
   }
-  fs::create_directories(path, ec);
-  if (ec) return Status::FromErrno(ec.value(), "create " + path);
-  fs::create_directories(fs::path(path) / "vms", ec);
-  if (ec) return Status::FromErrno(ec.value(), "create " + path + "/vms");
+  FileSystem& fsys = options.file_system != nullptr ? *options.file_system : *RealFileSystem();
+  // The repository's directory and its missing parents, each durable in
+  // its parent; then vms/ and the configuration, durable in it.
+  const std::string abs = fs::absolute(path, ec).lexically_normal().string();
+  if (ec) return Status::FromErrno(ec.value(), "resolve " + path);
+  for (size_t slash = abs.find('/', 1);; slash = abs.find('/', slash + 1)) {
+    const std::string dir = abs.substr(0, slash);
+    if (dir.empty()) break;
+    ASSIGN_OR_RETURN(bool created, fsys.CreateDir(dir));
+    if (created) RETURN_IF_ERROR(fsys.SyncDir(fs::path(dir).parent_path().string()));
+    if (slash == std::string::npos) break;
+  }
+  ASSIGN_OR_RETURN(bool created, fsys.CreateDir(path + "/vms"));
+  (void)created;
   config.repo_id = RandomHex16();
   config.format_version = kRepoFormatVersion;
-  RETURN_IF_ERROR(WriteFileDurably(path + "/" + kConfigFile, EncodeConfig(config)));
-  return Open(path);
+  RETURN_IF_ERROR(WriteFileDurably(fsys, path + "/" + kConfigFile, EncodeConfig(config)));
+  return Open(path, std::move(options));
 }
 
-Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path) {
-  return OpenWithObjectStore(path, nullptr);
-}
-
-Result<std::unique_ptr<Repository>> Repository::OpenWithObjectStore(const std::string& path,
-                                                                    ObjectStore* objects) {
+Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path,
+                                                     RepositoryOptions options) {
   std::string cfg_path = path + "/" + kConfigFile;
   std::ifstream in(cfg_path, std::ios::binary);
   if (!in) {
@@ -226,14 +227,32 @@ Result<std::unique_ptr<Repository>> Repository::OpenWithObjectStore(const std::s
   std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   RepoConfig config;
   RETURN_IF_ERROR(DecodeConfig(data, cfg_path, &config));
-  std::unique_ptr<Repository> repo(new Repository(path, config));
-  if (objects == nullptr) {
-    repo->owned_objects_ = NewLocalObjectStore(path);
+  std::unique_ptr<Repository> repo(new Repository(path, config, std::move(options)));
+  if (repo->options_.objects == nullptr) {
+    repo->owned_objects_ = NewLocalObjectStore(path, repo->fs_);
     repo->objects_ = repo->owned_objects_.get();
   } else {
-    repo->objects_ = objects;
+    repo->objects_ = repo->options_.objects;
   }
   return repo;
+}
+
+Status Repository::MakeDurableDirs(const std::string& dir) {
+  // Each parent is synced whether this call created the directory or not:
+  // another process may have created it and not synced its parent yet.
+  std::string path = path_;
+  size_t start = 0;
+  while (start < dir.size()) {
+    size_t slash = dir.find('/', start);
+    if (slash == std::string::npos) slash = dir.size();
+    const std::string parent = path;
+    path += "/" + dir.substr(start, slash - start);
+    start = slash + 1;
+    ASSIGN_OR_RETURN(bool created, fs_->CreateDir(path));
+    (void)created;
+    RETURN_IF_ERROR(fs_->SyncDir(parent));
+  }
+  return Status::OK();
 }
 
 Result<std::vector<std::string>> Repository::ListVms() {
@@ -258,8 +277,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     if (!fs::exists(dir + "/meta", ec))
       return Status::NotFound("VM '" + vm + "' has no backups in repository " + path_);
   } else {
-    fs::create_directories(dir, ec);
-    if (ec) return Status::FromErrno(ec.value(), "create " + dir);
+    RETURN_IF_ERROR(MakeDurableDirs("vms/" + vm));
     lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (lock_fd < 0) return Status::FromErrno(errno, "open " + lock_path);
     if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -272,7 +290,17 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     }
     WriteLockHolder(lock_fd);
   }
-  auto meta = OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite);
+  if (access == Access::kWrite) {
+    // LevelDB syncs what it writes inside its directory, but not the
+    // directory's own entry: that is made durable here, first.
+    Status made = MakeDurableDirs("vms/" + vm + "/meta");
+    if (!made.ok()) {
+      ReleaseLockFile(lock_fd);
+      return made.WithContext("create metadata of VM '" + vm + "'");
+    }
+  }
+  auto meta =
+      OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite, options_.leveldb_env);
   if (!meta.ok()) {
     if (lock_fd >= 0) ReleaseLockFile(lock_fd);
     if (meta.status().IsBusy())
@@ -281,7 +309,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     return meta.status().WithContext("open metadata of VM '" + vm + "'");
   }
   std::unique_ptr<MetadataStore> store = std::move(meta).value();
-  if (wrap_metadata_) store = wrap_metadata_(std::move(store));
+  if (options_.wrap_metadata) store = options_.wrap_metadata(std::move(store));
   std::unique_ptr<VmStore> vs(new VmStore(vm, std::move(store), lock_fd));
   if (access == Access::kWrite) {
     std::string value;
@@ -305,11 +333,8 @@ RepoLock::~RepoLock() {
 }
 
 Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
-  std::string dir = path_ + "/cds";
-  std::string lock_path = dir + "/lock";
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return Status::FromErrno(ec.value(), "create " + dir);
+  std::string lock_path = path_ + "/cds/lock";
+  RETURN_IF_ERROR(MakeDurableDirs("cds"));
   int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return Status::FromErrno(errno, "open " + lock_path);
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {

@@ -12,6 +12,11 @@
 // VM-centric isolation: each VM has its own metadata and containers, so one
 // VM's backups never coordinate with another's. A Repository is used by one
 // thread; a VmStore's MetadataStore is thread-safe, its counters are not.
+//
+// Every write to the local disk goes through a FileSystem (the objects, the
+// configuration record, the directories, each made durable before anything
+// in it is relied on) or through LevelDB's Env (the metadata); tests pass
+// their own of both in RepositoryOptions to model faults and power cuts.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +30,10 @@
 #include "store/metadata_store.h"
 #include "store/object_store.h"
 #include "store/records.h"
+
+namespace leveldb {
+class Env;
+}
 
 namespace vmdedup {
 
@@ -49,6 +58,22 @@ struct RepoConfig {
 Status ValidateRepoConfig(const RepoConfig& c);
 
 class VmStore;
+class FileSystem;
+
+// How a repository reaches its media. Every field is optional; the
+// defaults are the real ones. Nothing here is owned: each outlives the
+// Repository.
+struct RepositoryOptions {
+  // The local object store and the repository's own files and directories
+  // write through it (default: RealFileSystem()).
+  FileSystem* file_system = nullptr;
+  // LevelDB's Env for the VMs' metadata (default: LevelDB's own).
+  leveldb::Env* leveldb_env = nullptr;
+  // An object store to use instead of the local one.
+  ObjectStore* objects = nullptr;
+  // Every metadata store opened is passed through it (fault injection).
+  std::function<std::unique_ptr<MetadataStore>(std::unique_ptr<MetadataStore>)> wrap_metadata;
+};
 
 // A repository-wide lock held through flock() on a file; released when the
 // object is destroyed (or the process dies).
@@ -66,13 +91,13 @@ class RepoLock {
 
 class Repository {
  public:
-  // Creates the repository directory (must not exist or be empty).
-  static Result<std::unique_ptr<Repository>> Create(const std::string& path, RepoConfig config);
+  // Creates the repository directory (must not exist or be empty) and
+  // makes it and its configuration durable.
+  static Result<std::unique_ptr<Repository>> Create(const std::string& path, RepoConfig config,
+                                                    RepositoryOptions options = {});
   // NotFound with a hint when PATH is not a repository.
-  static Result<std::unique_ptr<Repository>> Open(const std::string& path);
-  // For tests: a repository whose object store is `objects` (not owned).
-  static Result<std::unique_ptr<Repository>> OpenWithObjectStore(const std::string& path,
-                                                                 ObjectStore* objects);
+  static Result<std::unique_ptr<Repository>> Open(const std::string& path,
+                                                  RepositoryOptions options = {});
   ~Repository();
 
   const RepoConfig& config() const { return config_; }
@@ -92,18 +117,17 @@ class Repository {
   // build is running on REPO" when another process holds it.
   Result<std::unique_ptr<RepoLock>> LockCds();
 
-  // For tests: metadata stores opened after this call are wrapped by `wrap`.
-  using MetadataWrapper =
-      std::function<std::unique_ptr<MetadataStore>(std::unique_ptr<MetadataStore>)>;
-  void SetMetadataWrapperForTest(MetadataWrapper wrap) { wrap_metadata_ = std::move(wrap); }
-
  private:
-  Repository(std::string path, RepoConfig config);
+  Repository(std::string path, RepoConfig config, RepositoryOptions options);
+  // Creates `dir` (below the repository) and its missing parents, each made
+  // durable by syncing its parent.
+  Status MakeDurableDirs(const std::string& dir);
   std::string path_;
   RepoConfig config_;
+  RepositoryOptions options_;
+  FileSystem* fs_;
   std::unique_ptr<ObjectStore> owned_objects_;
   ObjectStore* objects_ = nullptr;
-  MetadataWrapper wrap_metadata_;
 };
 
 // One VM's metadata with typed accessors.

@@ -23,7 +23,7 @@
 
 #include "store/cds_area.h"
 #include "store/container.h"
-#include "store/fault_injection.h"
+#include "tests/fault_injection.h"
 #include "tests/test_util.h"
 
 namespace vmdedup::testing {
@@ -486,7 +486,7 @@ TEST_F(CdsBuilderTest, FailedBuildLeavesTheVersionInForce) {
     plan->kind = FaultPlan::Kind::kCrash;
     plan->fail_at = fail_at;
     auto faulty = NewFaultInjectingObjectStore(base.get(), plan);
-    auto repo = Repository::OpenWithObjectStore(repo_, faulty.get());
+    auto repo = Repository::Open(repo_, {.objects = faulty.get()});
     ASSERT_TRUE(repo.ok());
     CdsBuildOptions o;
     o.fraction_percent = 100;
@@ -547,7 +547,7 @@ TEST_F(CdsBuilderTest, SigkilledBuildLeavesTheVersionInForce) {
   if (pid == 0) {
     auto base = NewLocalObjectStore(repo_);
     KillAfterFirstCdsContainer killer(base.get());
-    auto repo = Repository::OpenWithObjectStore(repo_, &killer);
+    auto repo = Repository::Open(repo_, {.objects = &killer});
     if (!repo.ok()) _exit(10);
     CdsBuildOptions o;
     o.fraction_percent = 100;

@@ -71,7 +71,7 @@ TEST(CdsIndexTest, HitsAndMisses) {
   for (size_t n : {1, 5, 31, 32, 33, 100, 5000}) {
     std::vector<CdsEntry> entries = MakeEntries(n, n);
     FromVector full{&entries};
-    std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(4, entries, full);
+    std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(4, entries, full);
     EXPECT_EQ(index->version(), 4u);
     EXPECT_EQ(index->size(), n);
     for (const CdsEntry& e : entries) ExpectHit(*index, e);
@@ -93,7 +93,7 @@ TEST(CdsIndexTest, HitsAndMisses) {
 TEST(CdsIndexTest, EmptyIndex) {
   std::vector<CdsEntry> none;
   FromVector full{&none};
-  std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(1, none, full);
+  std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(1, none, full);
   EXPECT_EQ(index->size(), 0u);
   std::mt19937_64 rng(1);
   EXPECT_FALSE(index->Lookup(RandomFingerprint(rng)).has_value());
@@ -112,7 +112,7 @@ TEST(CdsIndexTest, SharedPrefixIsConfirmedByTheFullFingerprint) {
   ASSERT_TRUE(entries[100].fingerprint < entries[101].fingerprint);
   ASSERT_TRUE(entries[101].fingerprint < entries[102].fingerprint);
   FromVector full{&entries};
-  std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(1, entries, full);
+  std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(1, entries, full);
 
   // Both entries sharing the prefix are found, each with its own location.
   ExpectHit(*index, entries[100]);
@@ -139,14 +139,14 @@ TEST(CdsIndexTest, FailedConfirmationIsAMiss) {
     if (i == 10) return Status::IOError("index object unreadable");
     return entries[i].fingerprint;
   };
-  std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(1, entries, full);
+  std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(1, entries, full);
   EXPECT_FALSE(index->Lookup(entries[10].fingerprint).has_value());
   EXPECT_EQ(index->confirm_errors(), 1u);
   EXPECT_EQ(index->prefix_collisions(), 0u);
   ExpectHit(*index, entries[11]);
   // A confirmation that returns the wrong fingerprint is never a hit.
   auto wrong = [&](uint64_t i) -> Result<Fingerprint> { return entries[(i + 1) % 64].fingerprint; };
-  index = CdsIndex::BuildForTest(1, entries, wrong);
+  index = CdsIndex::FromEntries(1, entries, wrong);
   for (const CdsEntry& e : entries) EXPECT_FALSE(index->Lookup(e.fingerprint).has_value());
   EXPECT_EQ(index->prefix_collisions(), 64u);
 }
@@ -154,7 +154,7 @@ TEST(CdsIndexTest, FailedConfirmationIsAMiss) {
 TEST(CdsIndexTest, MemoryIsAbout20BytesAnEntry) {
   for (size_t n : {16, 1000, 100000}) {
     std::vector<CdsEntry> entries = MakeEntries(n, 11);
-    std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(1, entries, FromVector{&entries});
+    std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(1, entries, FromVector{&entries});
     // 20 bytes an entry, a bucket (4 bytes) per 16 or more entries, the
     // container table (5 here) and the object itself: under the 24 bytes an
     // entry the CDS issue allows, whatever the size.
@@ -174,7 +174,7 @@ TEST(CdsIndexTest, LargestLengthsAndOffsetsSurviveThePacking) {
     entries[i].offset = (64u << 20) - 48 - entries[i].length;  // the end of a 64 MiB object
     entries[i].container = (uint64_t{7} << 20) | i;            // 100 distinct containers
   }
-  std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(7, entries, FromVector{&entries});
+  std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(7, entries, FromVector{&entries});
   for (const CdsEntry& e : entries) ExpectHit(*index, e);
 }
 
@@ -246,7 +246,7 @@ TEST(CdsIndexTest, LoadFromLocalObjectStore) {
 
 TEST(CdsIndexTest, ConcurrentLookups) {
   std::vector<CdsEntry> entries = MakeEntries(4096, 17);
-  std::unique_ptr<CdsIndex> index = CdsIndex::BuildForTest(1, entries, FromVector{&entries});
+  std::unique_ptr<CdsIndex> index = CdsIndex::FromEntries(1, entries, FromVector{&entries});
   std::atomic<uint64_t> hits{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; t++) {

@@ -11,7 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "store/fault_injection.h"
+#include "tests/fault_injection.h"
+#include "tests/memory_metadata_store.h"
 #include "tests/test_util.h"
 
 namespace vmdedup {

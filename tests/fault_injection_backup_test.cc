@@ -35,9 +35,9 @@
 #include "engine/backup_job.h"
 #include "engine/restore.h"
 #include "store/check.h"
-#include "store/fault_injection.h"
 #include "store/object_store.h"
 #include "store/repository.h"
+#include "tests/fault_injection.h"
 #include "tests/test_util.h"
 
 namespace vmdedup::testing {
@@ -192,11 +192,13 @@ class FaultInjectionBackupTest : public ::testing::Test {
     f->plan->fail_at = fail_at;
     f->base_objects = NewLocalObjectStore(repo_path_);
     f->objects = NewFaultInjectingObjectStore(f->base_objects.get(), f->plan);
-    ASSIGN_OR_RETURN(f->repo, Repository::OpenWithObjectStore(repo_path_, f->objects.get()));
     std::shared_ptr<FaultPlan> plan = f->plan;
-    f->repo->SetMetadataWrapperForTest([plan](std::unique_ptr<MetadataStore> base) {
+    RepositoryOptions options;
+    options.objects = f->objects.get();
+    options.wrap_metadata = [plan](std::unique_ptr<MetadataStore> base) {
       return std::unique_ptr<MetadataStore>(new OwningFaultyMetadataStore(std::move(base), plan));
-    });
+    };
+    ASSIGN_OR_RETURN(f->repo, Repository::Open(repo_path_, std::move(options)));
     return f;
   }
 

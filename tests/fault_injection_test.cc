@@ -6,7 +6,8 @@
 #include <gtest/gtest.h>
 
 #include "store/container.h"
-#include "store/fault_injection.h"
+#include "tests/fault_injection.h"
+#include "tests/memory_metadata_store.h"
 #include "tests/test_util.h"
 
 namespace vmdedup {

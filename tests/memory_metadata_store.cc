@@ -3,7 +3,7 @@
 #include <map>
 #include <mutex>
 
-#include "store/metadata_store.h"
+#include "tests/memory_metadata_store.h"
 
 namespace vmdedup {
 namespace {

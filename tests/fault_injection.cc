@@ -1,7 +1,7 @@
 // Fault-injecting ObjectStore and MetadataStore wrappers; see
 // fault_injection.h for what each fault kind does.
 
-#include "store/fault_injection.h"
+#include "tests/fault_injection.h"
 
 #include <string>
 

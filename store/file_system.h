@@ -1,0 +1,70 @@
+// FileSystem: the write side of a local file system. Every byte vmdedup
+// makes durable on a local disk goes through one: the local object store's
+// objects and directories, and the repository's configuration record
+// (LevelDB writes the VMs' metadata through its own Env, which tests wrap
+// the same way). A test passes its own FileSystem to model what survives a
+// power cut (tests/power_cut.h): data written to a file is durable only
+// once Sync returns; a directory entry (a file created, renamed or removed;
+// a directory created) only once its directory is synced with SyncDir.
+// Code that writes through a FileSystem therefore syncs both, in the order
+// docs/format.md gives.
+//
+// Reads do not go through it: a power cut changes what is on disk only
+// while nothing runs, so readers see the real files.
+//
+// Thread model: a FileSystem is safe from many threads at once; one
+// WritableFile is used by one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "base/status.h"
+
+namespace vmdedup {
+
+class WritableFile {
+ public:
+  // Closes the file if Close was not called, ignoring errors.
+  virtual ~WritableFile() = default;
+  // Appends at the end of what this handle wrote.
+  virtual Status Append(std::span<const uint8_t> data) = 0;
+  // fsync: what was appended so far is durable when it returns OK.
+  virtual Status Sync() = 0;
+  // Closes the file and reports close's error; later calls fail.
+  virtual Status Close() = 0;
+};
+
+class FileSystem {
+ public:
+  virtual ~FileSystem() = default;
+
+  enum class CreateMode {
+    kExclusive,  // the file must not exist (AlreadyExists: Busy)
+    kTruncate,   // a new empty file replaces whatever is there
+  };
+  // Creates `path` for writing (mode 0644). kExclusive on an existing file
+  // is Busy, so that callers can pick another name.
+  virtual Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
+                                                                CreateMode mode) = 0;
+  // rename(2): replaces `to` atomically.
+  virtual Status Rename(const std::string& from, const std::string& to) = 0;
+  // Removes a file; a missing one is OK.
+  virtual Status Remove(const std::string& path) = 0;
+  // Creates one directory (mode 0755); returns false when it already
+  // existed. Its parent must exist.
+  virtual Result<bool> CreateDir(const std::string& path) = 0;
+  // fsync of a directory: the entries created, renamed and removed in it so
+  // far are durable when it returns OK.
+  virtual Status SyncDir(const std::string& path) = 0;
+};
+
+// The real file system (POSIX calls). Appends of 1 MiB and more are written
+// with O_DIRECT where the file system accepts it (a new container is not
+// read back soon; a buffered write of it cost up to 7x the CPU on a VM
+// guest), the rest buffered. A process-wide object; never deleted.
+FileSystem* RealFileSystem();
+
+}  // namespace vmdedup
