@@ -13,6 +13,7 @@
 #include "leveldb/db.h"
 #include "leveldb/filter_policy.h"
 #include "leveldb/write_batch.h"
+#include "store/leveldb_log_scan.h"
 #include "store/metadata_store.h"
 
 namespace vmdedup {
@@ -132,16 +133,21 @@ Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::strin
   if (s.IsCorruption()) {
     // A power cut can leave the log's tail (batches written after its last
     // sync, never acknowledged as durable) torn or partly zero, which
-    // paranoid recovery refuses. Recovery without it drops the damaged
-    // records and rewrites the log without them; the store then opens with
-    // its checks on again. What is still damaged after that is reported.
-    leveldb::Options lenient = options;
-    lenient.paranoid_checks = false;
-    s = leveldb::DB::Open(lenient, path, &db);
-    if (s.ok()) {
-      delete db;
-      db = nullptr;
-      s = leveldb::DB::Open(options, path, &db);
+    // paranoid recovery refuses. When that is all the damage in the logs,
+    // recovery without paranoid checks drops those records and rewrites
+    // the log without them, and the store opens with its checks on again.
+    // Damage before whole records (under synced data) is never dropped: it
+    // is reported.
+    auto logs = ScanLevelDbLogs(path);
+    if (logs.ok() && *logs == LevelDbLogState::kTornTail) {
+      leveldb::Options lenient = options;
+      lenient.paranoid_checks = false;
+      s = leveldb::DB::Open(lenient, path, &db);
+      if (s.ok()) {
+        delete db;
+        db = nullptr;
+        s = leveldb::DB::Open(options, path, &db);
+      }
     }
   }
   if (!s.ok()) {

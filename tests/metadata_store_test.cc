@@ -9,9 +9,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <thread>
 
+#include "store/leveldb_log_scan.h"
 #include "store/metadata_store.h"
 #include "tests/memory_metadata_store.h"
 #include "tests/test_util.h"
@@ -348,6 +350,69 @@ TEST(LevelDbMetadataStoreTest, ATornUnsyncedLogTailStillOpens) {
   auto again = OpenLevelDbMetadataStore(path, false);
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_TRUE((*again)->Get("k/durable", &v).ok());
+}
+
+// The log scan tells a torn tail from damage under whole records, on logs
+// LevelDB itself wrote: batches of several sizes, one of them spanning
+// several 32 KiB blocks (first, middle and last records).
+TEST(LevelDbLogScanTest, TornTailsAndDamagedBodies) {
+  ScratchDir dir;
+  std::string path = dir.Sub("m");
+  {
+    auto r = OpenLevelDbMetadataStore(path, true);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    for (int i = 0; i < 12; i++) {
+      WriteBatch b;
+      b.Put("k/" + std::to_string(i), RandomBytes(i == 5 ? 100000 : 500 + 300 * i, i));
+      ASSERT_TRUE((*r)->Write(b, true).ok());
+    }
+  }
+  std::string log_path;
+  for (const auto& e : std::filesystem::directory_iterator(path))
+    if (e.path().extension() == ".log") log_path = e.path();
+  std::ifstream in(log_path, std::ios::binary);
+  const std::string log((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(log.size(), 120000u);
+  EXPECT_EQ(ScanLevelDbLog(log), LevelDbLogState::kWhole);
+  EXPECT_EQ(ScanLevelDbLog(""), LevelDbLogState::kWhole);
+  auto scan = [](std::string data) { return ScanLevelDbLog(data); };
+  // A tail cut anywhere inside the last record, or zero from there on.
+  for (size_t keep : {log.size() - 1, log.size() - 100, log.size() - 3000}) {
+    EXPECT_EQ(scan(log.substr(0, keep)), LevelDbLogState::kTornTail) << keep;
+    std::string zeroed = log;
+    std::fill(zeroed.begin() + static_cast<std::ptrdiff_t>(keep), zeroed.end(), '\0');
+    EXPECT_EQ(scan(zeroed), LevelDbLogState::kTornTail) << keep;
+  }
+  // Inside the big batch's records: damage (a cut, zeros, a flipped byte)
+  // with whole records after it.
+  for (size_t at : {size_t{20000}, size_t{40000}, size_t{70000}}) {
+    std::string flipped = log;
+    flipped[at] = static_cast<char>(flipped[at] ^ 0x40);
+    EXPECT_EQ(scan(flipped), LevelDbLogState::kDamagedBody) << at;
+    std::string zeroed = log;
+    std::fill(zeroed.begin() + static_cast<std::ptrdiff_t>(at),
+              zeroed.begin() + static_cast<std::ptrdiff_t>(at + 10), '\0');
+    EXPECT_EQ(scan(zeroed), LevelDbLogState::kDamagedBody) << at;
+  }
+  // A flipped byte in the first record is damage under whole records too.
+  std::string first = log;
+  first[10] = static_cast<char>(first[10] ^ 1);
+  EXPECT_EQ(scan(first), LevelDbLogState::kDamagedBody);
+  // The directory scan reports the worst of its logs.
+  auto whole = ScanLevelDbLogs(path);
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  EXPECT_EQ(*whole, LevelDbLogState::kWhole);
+  {
+    std::ofstream out(log_path, std::ios::binary | std::ios::trunc);
+    out << first;
+  }
+  auto damaged = ScanLevelDbLogs(path);
+  ASSERT_TRUE(damaged.ok());
+  EXPECT_EQ(*damaged, LevelDbLogState::kDamagedBody);
+  // And such a store is refused, not opened without its damaged records.
+  auto r = OpenLevelDbMetadataStore(path, false);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().IsCorruption()) << r.status().ToString();
 }
 
 TEST(MemoryMetadataStoreTest, ConcurrentWriters) {

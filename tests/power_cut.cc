@@ -458,8 +458,8 @@ PowerCut::Outcome PowerCut::Apply() {
     if (!ec) inodes_[keep[path]].real_path = path;
   }
 
-  // Unsynced tails: torn at a random point, and at random a range of what
-  // is left of them reads as zeros.
+  // Unsynced tails: torn at a random point, and at random what is left of
+  // them reads as zeros from a random point on.
   for (const auto& [path, id] : keep) {
     struct stat sb;
     if (::stat(path.c_str(), &sb) != 0) continue;
@@ -473,7 +473,7 @@ PowerCut::Outcome PowerCut::Apply() {
     }
     if (cut > synced && (rng_() & 1)) {
       const uint64_t a = std::uniform_int_distribution<uint64_t>(synced, cut - 1)(rng_);
-      const uint64_t b = std::uniform_int_distribution<uint64_t>(a + 1, cut)(rng_);
+      const uint64_t b = cut;
       std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
       f.seekp(static_cast<std::streamoff>(a));
       const std::string zeros(b - a, '\0');

@@ -6,8 +6,10 @@
 //
 //   - a file's data is durable up to its last successful Sync; whatever was
 //     appended after it is dropped or torn at a random point on a cut (and,
-//     at random, a range of the torn tail reads as zeros: the size reached
-//     the disk, the data did not);
+//     at random, the torn tail reads as zeros from a random point to its
+//     end: the size reached the disk, the last pages did not, as ext4's
+//     data=writeback mode allows). Pages of the tail written out of order
+//     (zeros before data that made it) are not modelled;
 //   - a directory entry (a file created, renamed or removed; a directory
 //     created or removed) is durable only once its directory was synced;
 //     a directory whose own entry is not durable is lost with all below it.
