@@ -7,6 +7,9 @@
 # verifies them bit for bit and prints the per-level deduplication report.
 # Then level 3: a second VM cloned from the same disk finds its blocks in the
 # common data set, seeded from the disk it was cloned from.
+# The guest runs no OS, so it needs no working KVM: it uses KVM where
+# /dev/kvm can be opened (a nested KVM that hangs 64-bit guests does not
+# hang it: its firmware finds nothing to boot) and TCG otherwise.
 # Usage: scripts/demo.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
