@@ -1,6 +1,7 @@
 #include "store/check.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <unordered_map>
@@ -450,7 +451,7 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
   if (!options.vm.empty()) {
     vms.push_back(options.vm);
   } else {
-    ASSIGN_OR_RETURN(vms, repo.ListVms());
+    ASSIGN_OR_RETURN(vms, repo.ListVmDirectories());
   }
   for (const std::string& name : vms) {
     auto vm = repo.OpenVm(name, Repository::Access::kRead);
@@ -460,7 +461,9 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
             {CheckFinding::Kind::kSkipped, name, vm.status().message(), {}, 0});
         continue;
       }
-      if (vm.status().IsNotFound()) {
+      std::error_code ec;
+      if (vm.status().IsNotFound() &&
+          std::filesystem::is_directory(repo.path() + "/vms/" + name, ec)) {
         // No metadata store: a first backup that did not get as far as
         // creating it left the directory. Without containers there is
         // nothing to lose; with them, the VM's history is gone.

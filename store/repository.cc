@@ -256,11 +256,20 @@ Status Repository::MakeDurableDirs(const std::string& dir) {
 }
 
 Result<std::vector<std::string>> Repository::ListVms() {
+  ASSIGN_OR_RETURN(std::vector<std::string> dirs, ListVmDirectories());
+  std::vector<std::string> vms;
+  std::error_code ec;
+  for (const std::string& vm : dirs)
+    if (fs::exists(path_ + "/vms/" + vm + "/meta/CURRENT", ec)) vms.push_back(vm);
+  return vms;
+}
+
+Result<std::vector<std::string>> Repository::ListVmDirectories() {
   std::vector<std::string> vms;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(path_ + "/vms", ec)) {
-    if (entry.is_directory() && fs::exists(entry.path() / "meta"))
-      vms.push_back(entry.path().filename().string());
+    const std::string name = entry.path().filename().string();
+    if (entry.is_directory() && ValidateName("VM", name).ok()) vms.push_back(name);
   }
   if (ec) return Status::FromErrno(ec.value(), "list " + path_ + "/vms");
   std::sort(vms.begin(), vms.end());

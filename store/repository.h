@@ -103,7 +103,12 @@ class Repository {
   const RepoConfig& config() const { return config_; }
   const std::string& path() const { return path_; }
   ObjectStore* objects() { return objects_; }
+  // VMs whose metadata store exists, sorted.
   Result<std::vector<std::string>> ListVms();
+  // Every directory under vms/, sorted: also those of first backups that
+  // did not get as far as creating their metadata store (`check` sorts
+  // them into leftovers and damage).
+  Result<std::vector<std::string>> ListVmDirectories();
 
   enum class Access {
     kRead,   // existing VM only; fails Busy if a writer holds it

@@ -15,6 +15,7 @@
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
+#include "store/check.h"
 #include "store/container.h"
 #include "store/repository.h"
 #include "tests/test_util.h"
@@ -654,6 +655,47 @@ TEST(RepositoryTest, ConfigurationVersions) {
 // Busy names who holds the VM: a backup (the lock file's pid) or a reader
 // such as serve (whose pid the lock file does not hold: it must not name
 // the last writer, nor the caller itself).
+// A first backup cut off before its metadata store existed leaves a VM
+// directory without one: not a VM to list, a leftover to check when it has
+// no containers, damage when it has.
+TEST(RepositoryTest, AVmDirectoryWithoutAMetadataStoreIsALeftoverOrDamage) {
+  testing::ScratchDir dir;
+  std::string path = dir.Sub("repo");
+  auto repo = Repository::Create(path, RepoConfig{});
+  ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+  ASSERT_TRUE((*repo)->OpenVm("real", Repository::Access::kWrite).ok());
+  std::filesystem::create_directories(path + "/vms/ghost/meta");
+  auto vms = (*repo)->ListVms();
+  ASSERT_TRUE(vms.ok());
+  EXPECT_EQ(*vms, std::vector<std::string>{"real"});
+  auto dirs = (*repo)->ListVmDirectories();
+  ASSERT_TRUE(dirs.ok());
+  EXPECT_EQ(*dirs, (std::vector<std::string>{"ghost", "real"}));
+
+  auto report = CheckRepository(**repo, CheckOptions{});
+  ASSERT_TRUE(report.ok()) << report.status().ToString();
+  EXPECT_TRUE(report->ok());
+  ASSERT_EQ(report->findings.size(), 1u);
+  EXPECT_EQ(report->findings[0].kind, CheckFinding::Kind::kReclaimable);
+  EXPECT_EQ(report->findings[0].vm, "ghost");
+
+  const std::string data = "not really a container";
+  ASSERT_TRUE((*repo)
+                  ->objects()
+                  ->Put("vms/ghost/data/0000000000000001.ctr",
+                        {reinterpret_cast<const uint8_t*>(data.data()), data.size()})
+                  .ok());
+  report = CheckRepository(**repo, CheckOptions{});
+  ASSERT_TRUE(report.ok()) << report.status().ToString();
+  EXPECT_FALSE(report->ok());
+  bool damage = false;
+  for (const auto& f : report->findings)
+    if (f.kind == CheckFinding::Kind::kError && f.vm == "ghost" &&
+        f.message.find("no metadata store") != std::string::npos)
+      damage = true;
+  EXPECT_TRUE(damage) << "a VM with containers and no metadata must be reported as damaged";
+}
+
 TEST(RepositoryTest, BusyNamesAWriterOrAReader) {
   testing::ScratchDir dir;
   RepoConfig cfg;
