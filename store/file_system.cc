@@ -151,6 +151,21 @@ class RealFileSystemImpl final : public FileSystem {
 
 }  // namespace
 
+Status MakeDurableDirs(FileSystem& fs, const std::string& root, const std::string& rel_dir) {
+  std::string path = root;
+  size_t start = 0;
+  while (start < rel_dir.size()) {
+    size_t slash = rel_dir.find('/', start);
+    if (slash == std::string::npos) slash = rel_dir.size();
+    const std::string parent = path;
+    path += "/" + rel_dir.substr(start, slash - start);
+    start = slash + 1;
+    RETURN_IF_ERROR(fs.CreateDir(path).status());
+    RETURN_IF_ERROR(fs.SyncDir(parent));
+  }
+  return Status::OK();
+}
+
 FileSystem* RealFileSystem() {
   static FileSystem* const fs = new RealFileSystemImpl();
   return fs;

@@ -61,6 +61,12 @@ class FileSystem {
   virtual Status SyncDir(const std::string& path) = 0;
 };
 
+// Creates each directory of `rel_dir` ("a/b/c") below `root` that is
+// missing, and syncs the parent of each, so that all of them are durable:
+// also where the directory existed already (another thread or process may
+// have created it and not yet synced its parent).
+Status MakeDurableDirs(FileSystem& fs, const std::string& root, const std::string& rel_dir);
+
 // The real file system (POSIX calls). Appends of 1 MiB and more are written
 // with O_DIRECT where the file system accepts it (a new container is not
 // read back soon; a buffered write of it cost up to 7x the CPU on a VM

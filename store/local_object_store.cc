@@ -339,34 +339,16 @@ class LocalObjectStore final : public ObjectStore {
     return Status::OK();
   }
 
-  // Creates the directories of `rel_dir` below the root that are missing,
-  // and makes each durable by syncing its parent: also when another thread
-  // created it and may not have synced its parent yet (a directory is
-  // known durable only once this store synced that parent).
+  // Makes the directories of `rel_dir` durable once per store: after that
+  // they are known to be.
   Status MakeDirs(const std::string& rel_dir) {
     {
       std::lock_guard<std::mutex> lock(dirs_mu_);
       if (durable_dirs_.count(rel_dir)) return Status::OK();
     }
-    std::string path = root_;
-    size_t start = 0;
-    while (start < rel_dir.size()) {
-      size_t slash = rel_dir.find('/', start);
-      if (slash == std::string::npos) slash = rel_dir.size();
-      const std::string parent = path;
-      path += "/" + rel_dir.substr(start, slash - start);
-      const std::string rel = rel_dir.substr(0, slash);
-      start = slash + 1;
-      {
-        std::lock_guard<std::mutex> lock(dirs_mu_);
-        if (durable_dirs_.count(rel)) continue;
-      }
-      ASSIGN_OR_RETURN(bool created, fs_->CreateDir(path));
-      (void)created;
-      RETURN_IF_ERROR(fs_->SyncDir(parent));
-      std::lock_guard<std::mutex> lock(dirs_mu_);
-      durable_dirs_.insert(rel);
-    }
+    RETURN_IF_ERROR(MakeDurableDirs(*fs_, root_, rel_dir));
+    std::lock_guard<std::mutex> lock(dirs_mu_);
+    durable_dirs_.insert(rel_dir);
     return Status::OK();
   }
 
@@ -374,7 +356,7 @@ class LocalObjectStore final : public ObjectStore {
   FileSystem* fs_;
   std::atomic<uint64_t> counter_{0};
   std::mutex dirs_mu_;
-  std::set<std::string> durable_dirs_;  // relative paths whose entry this store synced
+  std::set<std::string> durable_dirs_;  // directories (relative) MakeDirs made durable
 };
 
 }  // namespace

@@ -237,24 +237,6 @@ Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path,
   return repo;
 }
 
-Status Repository::MakeDurableDirs(const std::string& dir) {
-  // Each parent is synced whether this call created the directory or not:
-  // another process may have created it and not synced its parent yet.
-  std::string path = path_;
-  size_t start = 0;
-  while (start < dir.size()) {
-    size_t slash = dir.find('/', start);
-    if (slash == std::string::npos) slash = dir.size();
-    const std::string parent = path;
-    path += "/" + dir.substr(start, slash - start);
-    start = slash + 1;
-    ASSIGN_OR_RETURN(bool created, fs_->CreateDir(path));
-    (void)created;
-    RETURN_IF_ERROR(fs_->SyncDir(parent));
-  }
-  return Status::OK();
-}
-
 Result<std::vector<std::string>> Repository::ListVms() {
   ASSIGN_OR_RETURN(std::vector<std::string> dirs, ListVmDirectories());
   std::vector<std::string> vms;
@@ -286,7 +268,10 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     if (!fs::exists(dir + "/meta", ec))
       return Status::NotFound("VM '" + vm + "' has no backups in repository " + path_);
   } else {
-    RETURN_IF_ERROR(MakeDurableDirs("vms/" + vm));
+    // The VM's directory and its metadata's: LevelDB syncs what it writes
+    // inside the latter, but not its entry, so both are made durable here.
+    RETURN_IF_ERROR(MakeDurableDirs(*fs_, path_, "vms/" + vm + "/meta")
+                        .WithContext("create the directories of VM '" + vm + "'"));
     lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (lock_fd < 0) return Status::FromErrno(errno, "open " + lock_path);
     if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -298,15 +283,6 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
       return Status::FromErrno(err, "lock " + lock_path);
     }
     WriteLockHolder(lock_fd);
-  }
-  if (access == Access::kWrite) {
-    // LevelDB syncs what it writes inside its directory, but not the
-    // directory's own entry: that is made durable here, first.
-    Status made = MakeDurableDirs("vms/" + vm + "/meta");
-    if (!made.ok()) {
-      ReleaseLockFile(lock_fd);
-      return made.WithContext("create metadata of VM '" + vm + "'");
-    }
   }
   auto meta =
       OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite, options_.leveldb_env);
@@ -343,7 +319,7 @@ RepoLock::~RepoLock() {
 
 Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
   std::string lock_path = path_ + "/cds/lock";
-  RETURN_IF_ERROR(MakeDurableDirs("cds"));
+  RETURN_IF_ERROR(MakeDurableDirs(*fs_, path_, "cds"));
   int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return Status::FromErrno(errno, "open " + lock_path);
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {

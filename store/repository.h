@@ -124,9 +124,6 @@ class Repository {
 
  private:
   Repository(std::string path, RepoConfig config, RepositoryOptions options);
-  // Creates `dir` (below the repository) and its missing parents, each made
-  // durable by syncing its parent.
-  Status MakeDurableDirs(const std::string& dir);
   std::string path_;
   RepoConfig config_;
   RepositoryOptions options_;

@@ -53,6 +53,21 @@ leveldb::Status ToLevelDb(const Status& s) {
   return leveldb::Status::IOError(s.message());
 }
 
+// The directories (sorted, parents first) or the regular files below
+// `root`; symbolic links are neither.
+std::vector<std::string> Walk(const std::string& root, bool dirs) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(root, ec); !ec && it != fs::end(it);
+       it.increment(ec)) {
+    if (it->is_symlink(ec)) continue;
+    if (dirs ? it->is_directory(ec) : it->is_regular_file(ec))
+      out.push_back(Normal(it->path().string()));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 }  // namespace
 
 // One file written through either wrapper. `inode` is 0 outside the root.
@@ -363,19 +378,15 @@ void PowerCut::ScanLocked() {
   durable_.clear();
   live_dirs_ = {root_};
   durable_dirs_ = {root_};
-  std::error_code ec;
-  for (auto it = fs::recursive_directory_iterator(root_, ec); !ec && it != fs::end(it);
-       it.increment(ec)) {
-    const std::string path = Normal(it->path().string());
-    if (it->is_symlink(ec)) continue;
-    if (it->is_directory(ec)) {
-      live_dirs_.insert(path);
-      durable_dirs_.insert(path);
-    } else if (it->is_regular_file(ec)) {
-      const uint64_t id = NewInodeLocked(path);
-      inodes_[id].size = inodes_[id].synced = it->file_size(ec);
-      durable_[path] = id;
-    }
+  for (const std::string& path : Walk(root_, /*dirs=*/true)) {
+    live_dirs_.insert(path);
+    durable_dirs_.insert(path);
+  }
+  for (const std::string& path : Walk(root_, /*dirs=*/false)) {
+    std::error_code ec;
+    const uint64_t id = NewInodeLocked(path);
+    inodes_[id].size = inodes_[id].synced = fs::file_size(path, ec);
+    durable_[path] = id;
   }
 }
 
@@ -427,18 +438,7 @@ PowerCut::Outcome PowerCut::Apply() {
   // What is not durable goes: files the model knows (not the others: lock
   // files, LevelDB's LOCK and LOG), and every directory not durable with
   // all below it.
-  std::vector<std::string> files, dirs;
-  for (auto it = fs::recursive_directory_iterator(root_, ec); !ec && it != fs::end(it);
-       it.increment(ec)) {
-    const std::string path = Normal(it->path().string());
-    if (it->is_symlink(ec)) continue;
-    if (it->is_directory(ec)) {
-      dirs.push_back(path);
-    } else if (it->is_regular_file(ec)) {
-      files.push_back(path);
-    }
-  }
-  for (const std::string& f : files) {
+  for (const std::string& f : Walk(root_, /*dirs=*/false)) {
     auto live = live_.find(f);
     if (live == live_.end()) continue;
     auto k = keep.find(f);
@@ -446,8 +446,7 @@ PowerCut::Outcome PowerCut::Apply() {
     fs::remove(f, ec);
     if (k == keep.end()) out.files_dropped++;
   }
-  std::sort(dirs.begin(), dirs.end());
-  for (const std::string& d : dirs) {
+  for (const std::string& d : Walk(root_, /*dirs=*/true)) {
     if (keep_dirs.count(d) || !fs::exists(d, ec)) continue;
     fs::remove_all(d, ec);
     out.dirs_dropped++;

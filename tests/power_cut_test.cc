@@ -65,21 +65,6 @@ std::string Sha(const std::string& data) {
   return Sha256({reinterpret_cast<const uint8_t*>(data.data()), data.size()}).Hex();
 }
 
-std::string ReadWhole(const std::string& path) {
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return "";
-  std::string data;
-  char buf[1 << 16];
-  while (true) {
-    ssize_t n = read(fd, buf, sizeof(buf));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    data.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  return data;
-}
-
 void WriteWhole(const std::string& path, const std::string& data) {
   int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   ASSERT_GE(fd, 0) << path;
@@ -225,7 +210,7 @@ class PowerCutTest : public ::testing::Test {
     req.force = true;
     auto r = RestoreToFile(repo, vm, snap, req);
     if (!r.ok()) return "restore failed: " + r.status().ToString();
-    std::string sha = Sha(ReadWhole(req.path));
+    std::string sha = FileSha256(req.path);
     unlink(req.path.c_str());
     return sha;
   }
