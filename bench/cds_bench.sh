@@ -8,7 +8,7 @@
 #     the way production does (qcow2 working image, persistent dirty bitmap,
 #     apply_diff_bench writes snap-(K-1) -> snap-K, incremental backups).
 #  2. For each configuration (budget B% of the unique data, seed yes/no):
-#     `vmdedup cds build --fraction B [--seed file:TEMPLATE] --vm t-...`
+#     `vmdedup cds build --fraction B [--seed raw:TEMPLATE] --vm t-...`
 #     publishes a new CDS version counted over the training VMs only; then
 #     the same snapshots are backed up again as VMs "CFG-VM" (fresh working
 #     images), which now look up their level-2 survivors in that version.
@@ -79,7 +79,7 @@ back_up_fleet() {
           "$img" > "$OUT/apply/$tag.json"
       fi
       /usr/bin/time -v -o "$OUT/time/$tag.txt" \
-        "$V" backup -r "$REPO" --vm "$prefix-$vm" --disk vda --json "file:$img" \
+        "$V" backup -r "$REPO" --vm "$prefix-$vm" --disk vda --json "qcow2:$img" \
         > "$OUT/snap/$tag.json" 2> "$OUT/log/$tag.err"
       log "backup $tag: $(head -1 "$OUT/log/$tag.err") wall $(awk -F': ' '/Elapsed/ {print $2}' "$OUT/time/$tag.txt")"
     done
@@ -95,7 +95,7 @@ for seed in $SEEDING; do
     cfg="b${b}-seed${seed}"
     seed_args=()
     count_vms=("${training_vms[@]}")
-    [[ "$seed" != no ]] && seed_args=(--seed "file:$TEMPLATE")
+    [[ "$seed" != no ]] && seed_args=(--seed "raw:$TEMPLATE")
     # One VM alone makes no block popular: only the seed's blocks are candidates.
     [[ "$seed" == only ]] && count_vms=("${training_vms[@]:0:2}")
     /usr/bin/time -v -o "$OUT/time/build-$cfg.txt" \

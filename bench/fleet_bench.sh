@@ -4,7 +4,7 @@
 # and docs/chunking.md report.
 #
 # For every VM, snap-0.raw becomes a qcow2 working image; `vmdedup backup
-# file:WORK.qcow2` takes the first (full) snapshot and leaves its enabled
+# qcow2:WORK.qcow2` takes the first (full) snapshot and leaves its enabled
 # persistent dirty bitmap in the image. For K = 1, 2, ...: apply_diff_bench
 # writes the difference snap-(K-1) -> snap-K into the image through a
 # writable qemu-nbd (so QEMU's bitmap records the writes, 64 KiB pieces, zero
@@ -73,7 +73,7 @@ backup() {  # CHUNKER VM K
   local ch=$1 vm=$2 k=$3 tag="$1-$2-$3"
   echo "$(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/time/$tag.load"
   /usr/bin/time -v -o "$OUT/time/$tag.txt" \
-    "$V" backup -r "$OUT/repo-$ch" --vm "$vm" --disk vda --json "file:$OUT/work/$vm.qcow2" \
+    "$V" backup -r "$OUT/repo-$ch" --vm "$vm" --disk vda --json "qcow2:$OUT/work/$vm.qcow2" \
     > "$OUT/snap/$tag.json" 2> "$OUT/log/$tag.err"
   log "backup $tag: $(head -1 "$OUT/log/$tag.err") wall $(awk -F': ' '/Elapsed/ {print $2}' "$OUT/time/$tag.txt")"
 }

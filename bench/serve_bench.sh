@@ -21,7 +21,7 @@
 # Every server is started here and stopped by its pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-image=${1:-/var/tmp/vmdata/fleet/vm00-web/snap-0.raw}
+image=${1:-/var/tmp/vmdata/fleet/vm00-web/snap-0.raw}  # FORMAT=qcow2 for a qcow2 image
 build=${2:-build-serve-rel}
 rounds=${3:-3}
 vmdedup=$build/cli/vmdedup
@@ -54,7 +54,7 @@ echo "image: $image, $(mib "$size") MiB virtual, $(mib "$allocated") MiB allocat
 repo=$work/repo
 "$vmdedup" init ${INIT_ARGS:-} "$repo" >/dev/null
 t0=$(now)
-"$vmdedup" backup -r "$repo" --vm bench --disk vda -q "file:$image" >/dev/null
+"$vmdedup" backup -r "$repo" --vm bench --disk vda -q "${FORMAT:-raw}:$image" >/dev/null
 t1=$(now)
 stored=$(du -sb "$repo" | cut -f1)
 echo "backup: $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s, repository $(mib "$stored") MiB"

@@ -31,7 +31,7 @@ cleanup() {
 trap cleanup EXIT
 
 "$vmdedup" init "$work/repo" >/dev/null
-"$vmdedup" backup -r "$work/repo" --vm bench --disk vda -q "file:$image" >/dev/null
+"$vmdedup" backup -r "$work/repo" --vm bench --disk vda -q "${FORMAT:-raw}:$image" >/dev/null
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); image $image"
 
 qemu-nbd --read-only --format=raw --persistent --shared=4 --socket="$work/q.sock" "$image" &

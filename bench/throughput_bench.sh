@@ -12,7 +12,7 @@
 #          into a qcow2 overlay of the pristine image, the overlay exported
 #          alone (backing: null, so only the churned clusters are data) and
 #          read by nbdcopy to null:. Also the fixed cost of the qemu-img calls
-#          a file: backup makes.
+#          an image-file backup makes.
 #   big    peak RSS on a BIG (default 64 GiB) sparse qcow2 holding every VM's
 #          snap-0 at offsets 0, BIG/4, BIG/2, 3*BIG/4: full backup, then an
 #          incremental after a CHURN % churn of the first image's range
@@ -112,7 +112,7 @@ if [[ " $PARTS " == *" first "* ]]; then
         "$V" init --chunker "$ch" --compression-level "$lvl" "$repo" > /dev/null
         img=$([[ $fmt == raw ]] && echo "$RAW" || echo "$qcow")
         tag="first-$fmt-$ch-L$lvl-$r"
-        timed "$tag" "$V" backup -r "$repo" --vm "$VM" --disk vda --json "file:$img"
+        timed "$tag" "$V" backup -r "$repo" --vm "$VM" --disk vda --json "$fmt:$img"
         # A qcow2 backup leaves a bitmap of this repository in the image.
         if [[ $fmt == qcow2 ]]; then qemu-img bitmap --remove "$qcow" "$(jq -r .bitmap "$OUT/json/$tag")"; fi
       done
@@ -127,7 +127,7 @@ if [[ " $PARTS " == *" incr "* ]]; then
   rm -rf "$W/incr-repo.saved" "$W/incr.saved.qcow2"
   cp --sparse=always "$W/pristine.qcow2" "$W/incr.qcow2"
   "$V" init "$W/incr-repo.saved" > /dev/null
-  "$V" backup -r "$W/incr-repo.saved" --vm "$VM" --disk vda -q "file:$W/incr.qcow2"
+  "$V" backup -r "$W/incr-repo.saved" --vm "$VM" --disk vda -q "qcow2:$W/incr.qcow2"
   "$OUT/bin/apply_diff_bench" --churn "$CHURN" --seed "$SEED" --alloc-from "$RAW" "$W/incr.qcow2" \
     > "$OUT/json/churn-apply" 2> "$OUT/log/churn-apply"
   mv "$W/incr.qcow2" "$W/incr.saved.qcow2"
@@ -148,8 +148,8 @@ if [[ " $PARTS " == *" incr "* ]]; then
     sync
     warm "$W/incr.qcow2" "$W/ov.qcow2"
     timed "nbdcopy-overlay-$r" nbdcopy -- [ qemu-nbd -r "$ovjson" ] null:
-    timed "incr-$r" "$V" backup -r "$W/incr-repo" --vm "$VM" --disk vda --json "file:$W/incr.qcow2"
-    # The fixed cost of a file: backup: qemu-img info and bitmap edits.
+    timed "incr-$r" "$V" backup -r "$W/incr-repo" --vm "$VM" --disk vda --json "qcow2:$W/incr.qcow2"
+    # The fixed cost of an image-file backup: qemu-img info and bitmap edits.
     timed "qemu-img-info-$r" qemu-img info --output=json "$W/incr.qcow2"
     timed "qemu-img-bitmap-add-$r" qemu-img bitmap --add "$W/incr.qcow2" bench.tmp
     timed "qemu-img-bitmap-remove-$r" qemu-img bitmap --remove "$W/incr.qcow2" bench.tmp
@@ -174,10 +174,10 @@ if [[ " $PARTS " == *" big "* ]]; then
   rm -rf "$W/big-repo"
   "$V" init "$W/big-repo" > /dev/null
   warm "$big"
-  timed "big-full" "$V" backup -r "$W/big-repo" --vm big --disk vda --json "file:$big"
+  timed "big-full" "$V" backup -r "$W/big-repo" --vm big --disk vda --json "qcow2:$big"
   "$OUT/bin/apply_diff_bench" --churn "$CHURN" --seed "$SEED" --alloc-from "$first_raw" "$big" \
     > "$OUT/json/big-churn" 2> /dev/null
-  timed "big-incr" "$V" backup -r "$W/big-repo" --vm big --disk vda --json "file:$big"
+  timed "big-incr" "$V" backup -r "$W/big-repo" --vm big --disk vda --json "qcow2:$big"
   timed "big-restore" "$V" restore -r "$W/big-repo" big/vda/latest --to "$W/big-restore.raw" --force -q
   rm -f "$W/big-restore.raw"
   du -sb "$W/big-repo" > "$OUT/json/big-du"
@@ -196,7 +196,7 @@ if [[ " $PARTS " == *" bigctl "* ]]; then
   rm -rf "$W/bigctl-repo"
   "$V" init "$W/bigctl-repo" > /dev/null
   warm "$ctl"
-  timed "bigctl-samedata-full" "$V" backup -r "$W/bigctl-repo" --vm ctl --disk vda --json "file:$ctl"
+  timed "bigctl-samedata-full" "$V" backup -r "$W/bigctl-repo" --vm ctl --disk vda --json "qcow2:$ctl"
   rm -f "$ctl"
   [[ -f "$W/big.qcow2" ]] || { echo "bigctl needs the big part first" >&2; exit 1; }
   cp --sparse=always "$W/big.qcow2" "$ctl"
@@ -209,7 +209,7 @@ if [[ " $PARTS " == *" bigctl "* ]]; then
   "$V" init "$W/bigctl-repo" > /dev/null
   sync
   warm "$ctl"
-  timed "bigctl-moredata-full" "$V" backup -r "$W/bigctl-repo" --vm ctl --disk vda --json "file:$ctl"
+  timed "bigctl-moredata-full" "$V" backup -r "$W/bigctl-repo" --vm ctl --disk vda --json "qcow2:$ctl"
   rm -rf "$ctl" "$W/bigctl-repo"
 fi
 echo "loadavg at end: $(cat /proc/loadavg)" >> "$OUT/env.txt"

@@ -20,12 +20,17 @@ QEMU guest: each of its disks into a snapshot of its own). Every snapshot is
 logically full: it restores without any other snapshot.
 
 SOURCE is one of:
-  file:PATH        a raw or qcow2 image that no process has open. vmdedup
-                   reads a raw image itself and serves a qcow2 image with
-                   qemu-nbd for the backup. In a qcow2 image it keeps one
-                   persistent dirty bitmap per disk series (named
-                   vmdedup.REPOID.VM.DISK.N) and rotates it at each backup, so
-                   the next backup reads only what was written in between.
+  raw:PATH, qcow2:PATH
+                   an image file that no process has open, in the format
+                   named. vmdedup reads a raw image itself and serves a qcow2
+                   image with qemu-nbd for the backup. In a qcow2 image it
+                   keeps one persistent dirty bitmap per disk series and
+                   rotates it at each backup, so the next backup reads only
+                   what was written in between.
+  file:PATH        the same, in the format given with --format, or else the
+                   one the series' latest snapshot was read as. vmdedup never
+                   guesses a format: a guest can write a qcow2 header into
+                   its raw disk, and that header would name any host file.
   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
                    any NBD server. With --bitmap NAME, the server's
                    qemu:dirty-bitmap:NAME is taken as the writes since the
@@ -47,6 +52,10 @@ Options:
   -r, --repo REPO     repository (or $VMDEDUP_REPO)
   --vm VM             the virtual machine (letters, digits, '.', '_', '-')
   --disk DISK         the disk of the VM (default: disk0)
+  --format FORMAT     file: the image's format, raw or qcow2
+  --backing-chain     qcow2: read the image's backing chain (by default an
+                      image with a backing file is refused); every image of
+                      the chain must record its backing file's format
   --bitmap NAME       caller-managed dirty bitmap of an NBD source
   --scratch-dir DIR   qemu: where QEMU keeps the old content of blocks the
                       guest overwrites during the backup (default: $TMPDIR,
@@ -124,6 +133,8 @@ int BackupCommand(int argc, char** argv) {
                            {"vm", 0, true},
                            {"disk", 0, true},
                            {"bitmap", 0, true},
+                           {"format", 0, true},
+                           {"backing-chain", 0, false},
                            {"full", 0, false},
                            {"threads", 0, true},
                            {"priority", 0, true},
@@ -168,7 +179,8 @@ int BackupCommand(int argc, char** argv) {
     o.qga_socket = args->Get("qga").value_or("");
     o.cancel = &CancelFlag();
     o.cds = cds.get();
-    if (o.qmp_socket.empty() || args->Has("bitmap")) {
+    if (o.qmp_socket.empty() || args->Has("bitmap") || args->Has("format") ||
+        args->Has("backing-chain")) {
       std::fputs(kHelp, stderr);
       return kExitUsage;
     }
@@ -211,6 +223,8 @@ int BackupCommand(int argc, char** argv) {
   if (auto d = args->Get("disk")) o.disk = *d;
   o.source = args->positionals()[0];
   o.bitmap = args->Get("bitmap");
+  o.format = args->Get("format").value_or("");
+  o.backing_chain = args->Has("backing-chain");
   o.full = args->Has("full");
   o.threads = *threads;
   o.cancel = &CancelFlag();

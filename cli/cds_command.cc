@@ -63,10 +63,11 @@ Options (build):
                         way; this only chooses whose blocks make a block
                         popular, e.g. the production VMs.
   --seed SOURCE         a template image whose blocks are candidates even when
-                        fewer than two VMs hold them: file:PATH (raw or qcow2
-                        image that no process writes) or an NBD URI; repeat
-                        for several. A seed that cannot be read fails the
-                        build before anything is written.
+                        fewer than two VMs hold them: raw:PATH or qcow2:PATH
+                        (an image that no process writes, in the format
+                        named: vmdedup never guesses one) or an NBD URI;
+                        repeat for several. A seed that cannot be read fails
+                        the build before anything is written.
   --count-memory SIZE   memory for counting one pass (default 256M); less
                         memory means more passes over the recipes, same result
   --threads N           threads hashing seed images (default: the number of

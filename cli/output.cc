@@ -47,6 +47,7 @@ nlohmann::json SnapshotJson(const SnapshotRecord& s) {
       {"read_mode", s.read_mode},
       {"source", s.source},
       {"bitmap", s.bitmap},
+      {"source_format", s.source_format},
       {"segment_size", s.segment_size},
       {"chunker", ChunkerKindName(s.chunker.kind)},
   };

@@ -89,25 +89,65 @@ Status RunBitmapOp(const std::string& path, const std::string& name,
 
 }  // namespace
 
-Result<ImageInfo> InspectSourceImage(const std::string& path) {
-  ASSIGN_OR_RETURN(ImageInfo info, InspectImage(path));
-  if (info.format != "raw" && info.format != "qcow2")
-    return Status::InvalidArgument(path + " is a " + info.format +
-                                   " image; vmdedup reads raw and qcow2 images");
+Status CheckSourceFormat(const std::string& path, const std::string& format) {
+  if (format == "raw" || format == "qcow2") return Status::OK();
+  return Status::InvalidArgument("image " + path + ": format '" + format +
+                                 "' is not one vmdedup reads (raw or qcow2)");
+}
+
+Result<ImageInfo> InspectSourceImage(const std::string& path, const std::string& format,
+                                     bool backing_chain) {
+  RETURN_IF_ERROR(CheckSourceFormat(path, format));
+  ASSIGN_OR_RETURN(ImageInfo info, InspectImage(path, format));
+  if (info.backing_file.empty()) return info;
+  if (!backing_chain)
+    return Status::InvalidArgument(
+        "image " + path + " has a backing file (" + info.backing_file +
+        "); vmdedup follows backing chains only with --backing-chain (or flatten it: qemu-img "
+        "convert -O qcow2)");
+  // Every image of the chain must say its backing file's format: a backing
+  // file whose format qemu would probe is refused, as the image itself is.
+  ProcessOptions options;
+  options.timeout_ms = kQemuImgTimeoutMs;
+  ASSIGN_OR_RETURN(ProcessOutput out,
+                   RunProcess({"qemu-img", "info", "-f", format, "--backing-chain", "--output=json",
+                               "--", AbsolutePath(path)},
+                              options));
+  if (!out.success())
+    return QemuImgError(out, "qemu-img info --backing-chain " + path, path,
+                        Status::Code::kInvalidArgument);
+  try {
+    for (const auto& layer : nlohmann::json::parse(out.out)) {
+      if (!layer.contains("backing-filename")) continue;
+      if (!layer.contains("backing-filename-format"))
+        return Status::InvalidArgument(
+            "image " + layer.value("filename", path) + " in the backing chain of " + path +
+            " does not record its backing file's format; vmdedup never guesses a format "
+            "(set it: qemu-img rebase -u -F FORMAT -b BACKING)");
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return Status::IOError("qemu-img info --backing-chain " + path +
+                           ": unexpected output: " + e.what());
+  }
   return info;
 }
 
-Result<ImageInfo> InspectImage(const std::string& path) {
+Result<ImageInfo> InspectImage(const std::string& path, const std::string& format) {
   RETURN_IF_ERROR(CheckImagePath(path));
+  if (format.empty() ||
+      format.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789") != std::string::npos)
+    return Status::InvalidArgument("image " + path + ": bad format '" + format + "'");
   // No -U (force share): a bitmap of an image that a VM has open is not what
-  // the file says, so an image in use must be reported, not read.
+  // the file says, so an image in use must be reported, not read. The
+  // format is given (-f): never probed.
   ProcessOptions options;
   options.timeout_ms = kQemuImgTimeoutMs;
-  ASSIGN_OR_RETURN(
-      ProcessOutput out,
-      RunProcess({"qemu-img", "info", "--output=json", "--", AbsolutePath(path)}, options));
+  ASSIGN_OR_RETURN(ProcessOutput out, RunProcess({"qemu-img", "info", "-f", format, "--output=json",
+                                                  "--", AbsolutePath(path)},
+                                                 options));
   if (!out.success()) {
-    return QemuImgError(out, "qemu-img info " + path, path, Status::Code::kInvalidArgument);
+    return QemuImgError(out, "qemu-img info -f " + format + " " + path, path,
+                        Status::Code::kInvalidArgument);
   }
 
   ImageInfo info;
@@ -116,6 +156,7 @@ Result<ImageInfo> InspectImage(const std::string& path) {
     nlohmann::json j = nlohmann::json::parse(out.out);
     info.format = j.at("format").get<std::string>();
     info.virtual_size = j.at("virtual-size").get<uint64_t>();
+    info.backing_file = j.value("backing-filename", "");
     auto fs = j.find("format-specific");
     if (fs != j.end() && fs->is_object()) {
       auto data = fs->find("data");

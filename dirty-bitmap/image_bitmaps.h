@@ -32,19 +32,25 @@ struct ImageBitmap {
 
 struct ImageInfo {
   std::string path;
-  std::string format;  // "raw", "qcow2", ...
+  std::string format;  // as given: "raw", "qcow2"
   uint64_t virtual_size = 0;
+  std::string backing_file;          // qcow2: its backing file, as the image names it
   std::vector<ImageBitmap> bitmaps;  // qcow2 only
 };
 
-// `qemu-img info --output=json` (without -U: an image in use is Busy, since
-// its bitmaps on disk are not its real state). The format is probed; a file
-// qemu-img cannot open as an image (a directory, a damaged qcow2 header) is
-// InvalidArgument with qemu-img's message. Any readable file probes as raw.
-Result<ImageInfo> InspectImage(const std::string& path);
-// InspectImage of an image vmdedup can read as a source: InvalidArgument
-// unless it is raw or qcow2.
-Result<ImageInfo> InspectSourceImage(const std::string& path);
+// `qemu-img info -f FORMAT --output=json` (without -U: an image in use is
+// Busy, since its bitmaps on disk are not its real state). The format is
+// the caller's, never probed: a raw disk whose guest wrote a qcow2 header
+// into it is raw. A file that does not open in that format (a directory, a
+// raw file given as qcow2, a damaged qcow2 header) is InvalidArgument with
+// qemu-img's message.
+Result<ImageInfo> InspectImage(const std::string& path, const std::string& format);
+// InspectImage of an image vmdedup reads as a source: InvalidArgument unless
+// the format is raw or qcow2, and for a qcow2 image with a backing file
+// unless `backing_chain` is set and every image of the chain records its
+// backing file's format (qemu would probe it otherwise).
+Result<ImageInfo> InspectSourceImage(const std::string& path, const std::string& format,
+                                     bool backing_chain);
 
 // `qemu-img bitmap --add [--disable]`; granularity: the cluster size, at most
 // 64 KiB (qemu-img default). An enabled bitmap records the writes of whoever opens the

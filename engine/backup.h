@@ -50,8 +50,9 @@ struct BackupRequest {
   std::optional<SnapshotRecord> parent;
   // True when the source's dirty map covers every write since `parent`.
   bool use_dirty_map = false;
-  std::string read_mode;  // recorded: "incremental (...)" or "full: <reason>"
-  std::string bitmap;     // recorded: bitmap that tracks writes after this snapshot
+  std::string read_mode;      // recorded: "incremental (...)" or "full: <reason>"
+  std::string bitmap;         // recorded: bitmap that tracks writes after this snapshot
+  std::string source_format;  // recorded: what an image source was read as ("raw", "qcow2")
   unsigned threads = 2;
   const CommonBlockIndex* cds = nullptr;      // null: level 3 finds nothing
   const std::atomic<bool>* cancel = nullptr;  // checked between segments

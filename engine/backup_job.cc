@@ -6,6 +6,7 @@
 
 #include "base/human_size.h"
 #include "dirty-bitmap/image_bitmaps.h"
+#include "engine/image_source.h"
 #include "nbd-client/block_source.h"
 #include "nbd-client/raw_file_source.h"
 
@@ -149,14 +150,23 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
   std::unique_ptr<BlockSource> source;
   std::optional<ImageBitmapPlan> plan;
   std::string image_path;
-  if (o.source.rfind("file:", 0) == 0) {
-    image_path = o.source.substr(5);
-    if (image_path.empty())
-      return Status::InvalidArgument("source 'file:' needs a path: file:PATH");
+  ASSIGN_OR_RETURN(std::optional<ImageSourceSpec> image, ParseImageSource(o.source));
+  if (image) {
+    image_path = image->path;
     if (o.bitmap)
       return Status::InvalidArgument(
           "--bitmap is for NBD URIs; vmdedup manages the bitmaps of qcow2 images itself");
-    ASSIGN_OR_RETURN(ImageInfo info, InspectSourceImage(image_path));
+    ASSIGN_OR_RETURN(
+        const std::string format,
+        ResolveImageFormat(*image, o.format, parent ? parent->source_format : "", o.source));
+    if (parent && !parent->source_format.empty() && parent->source_format != format)
+      Note(o, "note: " + parent->Id() + " read this disk as " + parent->source_format +
+                  ", this backup reads it as " + format);
+    ASSIGN_OR_RETURN(ImageInfo info, InspectSourceImage(image_path, format, o.backing_chain));
+    // Recorded so that the next file: backup of the series needs no
+    // --format; not in a repository of format version 1, whose snapshot
+    // records an older vmdedup must read.
+    if (repo.config().format_version >= 2) req.source_format = format;
     ImageFileOptions fo;
     fo.path = image_path;
     fo.format = info.format;
@@ -183,6 +193,8 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
       req.read_mode = "full: qemu-nbd did not export bitmap " + plan->export_name;
     }
   } else if (IsNbdUri(o.source)) {
+    if (!o.format.empty())
+      return Status::InvalidArgument("--format is for image files (file:PATH), not NBD URIs");
     NbdUriOptions no;
     no.uri = o.source;
     no.bitmap = o.bitmap;
@@ -205,7 +217,8 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
     if (o.bitmap) req.bitmap = *o.bitmap;
   } else {
     return Status::InvalidArgument("unknown source '" + o.source +
-                                   "': use file:PATH or an NBD URI (nbd://HOST[:PORT]/EXPORT, "
+                                   "': use raw:PATH, qcow2:PATH, file:PATH with --format, or an "
+                                   "NBD URI (nbd://HOST[:PORT]/EXPORT, "
                                    "nbd+unix:///EXPORT?socket=PATH)");
   }
   Note(o, req.read_mode);

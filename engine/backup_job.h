@@ -3,14 +3,14 @@
 // dirty bitmap and a full read (and says why in one line), runs the pipeline,
 // and afterwards rotates the bitmap.
 //
-// Sources: "file:PATH" (a raw image, read directly; a qcow2 image, served
-// by a qemu-nbd started for the backup) and NBD URIs ("nbd://",
-// "nbd+unix://"). For qcow2 images vmdedup keeps one persistent bitmap per
-// disk series, named "vmdedup.REPOID.VM.DISK.SEQ" so that it never clashes
-// with another tool's or another repository's. The rotation keeps this
-// invariant: after any crash or failure, the bitmap named in the latest
-// snapshot, merged with any newer vmdedup bitmap of the series, holds every
-// write since that snapshot.
+// Sources: image files, "raw:PATH" (read directly) and "qcow2:PATH" (served
+// by a qemu-nbd started for the backup), or "file:PATH" whose format comes
+// from `format` or the series' latest snapshot, never from probing
+// (engine/image_source.h); and NBD URIs ("nbd://", "nbd+unix://"). For qcow2 images vmdedup keeps
+// one persistent bitmap per disk series, named "vmdedup.REPOID.VM.DISK.SEQ" so that it never
+// clashes with another tool's or another repository's. The rotation keeps this invariant: after any
+// crash or failure, the bitmap named in the latest snapshot, merged with any newer vmdedup bitmap
+// of the series, holds every write since that snapshot.
 //
 // Thread model: one call at a time per VM (the VM lock enforces it).
 #pragma once
@@ -29,7 +29,9 @@ namespace vmdedup {
 struct BackupJobOptions {
   std::string vm;
   std::string disk = "disk0";
-  std::string source;                 // file:PATH or an NBD URI
+  std::string source;                 // raw:PATH, qcow2:PATH, file:PATH or an NBD URI
+  std::string format;                 // file:PATH: "raw" or "qcow2" ("": the series')
+  bool backing_chain = false;         // read a qcow2 image's backing chain
   std::optional<std::string> bitmap;  // caller-managed bitmap on an NBD URI
   bool full = false;                  // ignore bitmaps: read every allocated extent
   unsigned threads = 2;

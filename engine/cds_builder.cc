@@ -15,6 +15,7 @@
 #include "dirty-bitmap/image_bitmaps.h"
 #include "engine/block_scan.h"
 #include "engine/chunker.h"
+#include "engine/image_source.h"
 #include "engine/thread_pool.h"
 #include "nbd-client/block_source.h"
 #include "nbd-client/raw_file_source.h"
@@ -104,15 +105,16 @@ std::string ChunkerText(const ChunkerParams& c) {
 }
 
 Result<std::unique_ptr<BlockSource>> OpenSeed(const std::string& seed) {
-  if (seed.rfind("file:", 0) == 0) {
-    std::string path = seed.substr(5);
-    if (path.empty()) return Status::InvalidArgument("seed 'file:' needs a path: file:PATH");
-    ASSIGN_OR_RETURN(ImageInfo info, InspectSourceImage(path));
+  ASSIGN_OR_RETURN(std::optional<ImageSourceSpec> image, ParseImageSource(seed));
+  if (image) {
+    // A seed has no series to remember its format: raw:PATH or qcow2:PATH.
+    ASSIGN_OR_RETURN(const std::string format, ResolveImageFormat(*image, "", "", "seed " + seed));
+    RETURN_IF_ERROR(InspectSourceImage(image->path, format, /*backing_chain=*/false).status());
     ImageFileOptions fo;
-    fo.path = path;
-    fo.format = info.format;
+    fo.path = image->path;
+    fo.format = format;
     // As for backups: a raw seed is read directly, qcow2 through qemu-nbd.
-    return info.format == "raw" ? OpenRawFile(path) : OpenImageFile(fo);
+    return format == "raw" ? OpenRawFile(image->path) : OpenImageFile(fo);
   }
   if (IsNbdUri(seed)) {
     NbdUriOptions no;
@@ -120,7 +122,7 @@ Result<std::unique_ptr<BlockSource>> OpenSeed(const std::string& seed) {
     return OpenNbdUri(no);
   }
   return Status::InvalidArgument(
-      "unknown seed source: use file:PATH or an NBD URI (nbd://HOST[:PORT]/EXPORT, "
+      "unknown seed source: use raw:PATH, qcow2:PATH or an NBD URI (nbd://HOST[:PORT]/EXPORT, "
       "nbd+unix:///EXPORT?socket=PATH)");
 }
 

@@ -96,8 +96,8 @@ r2=$(sha256sum < "$work/restored-2.raw" | cut -d' ' -f1)
 
 say "a second VM cloned from the same disk: build the common data set from the template, back the clone up"
 cp "$img" "$work/clone.qcow2"
-"$VMDEDUP" cds build --seed "file:$img" --fraction 100
-"$VMDEDUP" backup --vm clone "file:$work/clone.qcow2"
+"$VMDEDUP" cds build --seed "qcow2:$img" --fraction 100
+"$VMDEDUP" backup --vm clone "qcow2:$work/clone.qcow2"
 "$VMDEDUP" cds status
 
 say "vmdedup snapshots"

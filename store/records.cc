@@ -20,10 +20,12 @@ enum RecordType : uint8_t {
   kCounter = 6,
 };
 // The record version each type is written with; a reader accepts 1 up to it.
-// Snapshots: 2 appends the CDS version. Segment recipes: 2 appends each
-// block's index in its record (written only when one is not 0).
+// Snapshots: 2 appends the CDS version, 3 the source format (written only
+// when there is one). Segment recipes: 2 appends each block's index in its
+// record (written only when one is not 0).
 uint8_t CurrentVersion(RecordType type) {
-  return type == kSnapshot || type == kSegmentRecipe ? 2 : 1;
+  if (type == kSnapshot) return 3;
+  return type == kSegmentRecipe ? 2 : 1;
 }
 
 uint32_t EnvelopeCrc(std::string_view key, std::string_view head_and_body) {
@@ -164,7 +166,9 @@ Status ValidateName(std::string_view what, std::string_view name) {
 }
 
 std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
-  ByteWriter w = Begin(kSnapshot);
+  // Without a source format the record is version 2, as a repository of
+  // format version 1 needs for an older vmdedup to read it.
+  ByteWriter w = Begin(kSnapshot, r.source_format.empty() ? 2 : 3);
   w.String(r.vm);
   w.String(r.disk);
   w.Varint(r.seq);
@@ -182,7 +186,8 @@ std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
   w.String(r.source);
   w.String(r.read_mode);
   w.String(r.bitmap);
-  w.Varint(r.cds_version);  // record version 2
+  w.Varint(r.cds_version);                                  // record version 2
+  if (!r.source_format.empty()) w.String(r.source_format);  // record version 3
   return Seal(key, w);
 }
 
@@ -215,7 +220,9 @@ Status DecodeSnapshot(std::string_view key, std::string_view value, SnapshotReco
   RETURN_IF_ERROR(in.String(&r->read_mode));
   RETURN_IF_ERROR(in.String(&r->bitmap));
   r->cds_version = 0;
+  r->source_format.clear();
   if (version >= 2) RETURN_IF_ERROR(in.Varint(&r->cds_version));
+  if (version >= 3) RETURN_IF_ERROR(in.String(&r->source_format));
   if (r->segment_size == 0) return Status::Corruption(in.what() + ": segment size 0");
   if (r->segment_count != (r->size + r->segment_size - 1) / r->segment_size)
     return Status::Corruption(in.what() + ": segment count does not match the size");

@@ -54,6 +54,10 @@ struct SnapshotRecord {
   std::string read_mode;     // "incremental (bitmap X)" or "full: <reason>"
   std::string bitmap;        // the dirty bitmap that tracks writes after this snapshot
   uint64_t cds_version = 0;  // the CDS version the backup looked blocks up in; 0: none
+  // What the user said the image is ("raw", "qcow2"); empty for NBD and
+  // live sources, in repositories of format version 1 and in records
+  // before version 3.
+  std::string source_format;
   std::string Id() const { return vm + "/" + disk + "/" + std::to_string(seq); }
 };
 

@@ -78,7 +78,7 @@ class BackupImageTest : public ::testing::Test {
     std::vector<std::string> args = {"backup", "-r",     repo_, "--vm",
                                      "vm1",    "--disk", "vda", "--json"};
     args.insert(args.end(), extra.begin(), extra.end());
-    args.push_back("file:" + image_);
+    args.push_back("qcow2:" + image_);
     auto r = Vmdedup(args);
     EXPECT_EQ(r.exit_code, 0) << r.err;
     if (r.exit_code != 0) return {};
@@ -214,7 +214,8 @@ TEST_F(BackupImageTest, RawImageIsReadFullyEveryTimeAndDedupedAtBlockLevel) {
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   }
   ASSERT_EQ(truncate(raw.c_str(), 16 * kMiB), 0);
-  auto r1 = Vmdedup({"backup", "-r", repo_, "--vm", "raw", "--json", "file:" + raw});
+  auto r1 =
+      Vmdedup({"backup", "-r", repo_, "--vm", "raw", "--json", "--format", "raw", "file:" + raw});
   ASSERT_EQ(r1.exit_code, 0) << r1.err;
   EXPECT_NE(r1.err.find("full: raw images have no dirty bitmap"), std::string::npos) << r1.err;
   {
@@ -233,6 +234,106 @@ TEST_F(BackupImageTest, RawImageIsReadFullyEveryTimeAndDedupedAtBlockLevel) {
   ExpectCheckClean();
 }
 
+// A guest owns every byte of its raw disk: it can write a qcow2 header
+// there whose backing file names any host file. vmdedup never probes a
+// format, so such a disk is backed up as the raw bytes it holds, never as
+// the host file, and nothing is written into it.
+TEST_F(BackupImageTest, AGuestWrittenQcow2HeaderInARawDiskIsNeverFollowed) {
+  const std::string secret = dir_.Sub("host-secret.raw");
+  {
+    std::ofstream out(secret, std::ios::binary);
+    out << std::string(1 * kMiB, 'S');
+  }
+  // The guest's disk: a qcow2 header naming the host file, then its data.
+  const std::string header = dir_.Sub("header.qcow2");
+  ASSERT_EQ(RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", "-b", secret, "-F", "raw",
+                        header, "8M"})
+                .exit_code,
+            0);
+  const std::string disk = dir_.Sub("guest.raw");
+  {
+    std::string bytes = ReadFileBytes(header);
+    bytes += RandomBytes(2 * kMiB, 31);
+    bytes.resize(8 * kMiB, '\0');
+    WriteFileBytes(disk, bytes);
+  }
+  const std::string disk_sha = FileSha256(disk);
+
+  // Without a format: refused, saying how to name one.
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "g", "--disk", "vda", "file:" + disk});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("raw:PATH or qcow2:PATH"), std::string::npos) << r.err;
+  // Named qcow2 by mistake: its backing file is not followed.
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "g", "--disk", "vda", "qcow2:" + disk});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--backing-chain"), std::string::npos) << r.err;
+  EXPECT_EQ(FileSha256(disk), disk_sha);
+  // As what it is: raw. The snapshot holds the disk's bytes, header and all.
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "g", "--disk", "vda", "--json", "raw:" + disk});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["source_format"], "raw");
+  EXPECT_EQ(FileSha256(disk), disk_sha) << "vmdedup wrote into the guest's raw disk";
+  // The next file: backup of the series takes the format it recorded.
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "g", "--disk", "vda", "--json", "file:" + disk});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["source_format"], "raw");
+  for (const char* snap : {"g/vda/1", "g/vda/2"}) {
+    const std::string out = dir_.Sub("restored.raw");
+    auto rs = Vmdedup({"restore", "-r", repo_, snap, "--to", out, "--force"});
+    ASSERT_EQ(rs.exit_code, 0) << rs.err;
+    EXPECT_EQ(FileSha256(out), disk_sha) << snap;
+  }
+  // --format and a format prefix that disagree, --format on an NBD URI.
+  r = Vmdedup(
+      {"backup", "-r", repo_, "--vm", "g", "--disk", "vda", "--format", "qcow2", "raw:" + disk});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  r = Vmdedup(
+      {"backup", "-r", repo_, "--vm", "g", "--disk", "vda", "--format", "vmdk", "file:" + disk});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("raw and qcow2"), std::string::npos) << r.err;
+}
+
+// A qcow2 image with a backing file is read through its chain only when
+// asked to, and only when the chain records its formats.
+TEST_F(BackupImageTest, ABackingChainIsReadOnlyWithBackingChain) {
+  const std::string base = dir_.Sub("base.qcow2");
+  MakeImage(8 * kMiB, 3 * kMiB, 41);
+  ASSERT_EQ(RunCommand({"mv", image_, base}).exit_code, 0);
+  ASSERT_EQ(
+      RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", image_})
+          .exit_code,
+      0);
+  QemuIo({"write -P 0x3c 1M 64k"});
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "qcow2:" + image_});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("base.qcow2"), std::string::npos) << r.err;
+  auto snap = Backup({"--backing-chain"});
+  ASSERT_FALSE(snap.is_null());
+  EXPECT_EQ(RestoreSha("vm1/vda/1"), ImageSha());
+  // A chain that leaves a backing format unrecorded (as an image made by an
+  // older QEMU may: QEMU 7.2 no longer makes one, so its header extension
+  // is renamed here) is refused.
+  const std::string loose = dir_.Sub("loose.qcow2");
+  ASSERT_EQ(
+      RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", loose})
+          .exit_code,
+      0);
+  {
+    std::string bytes = ReadFileBytes(loose);
+    const size_t at = bytes.find("\xe2\x79\x2a\xca");  // the backing format extension
+    ASSERT_NE(at, std::string::npos);
+    bytes.replace(at, 4, "\x12\x34\x56\x78");  // an extension qemu ignores
+    ASSERT_TRUE(WriteFileBytes(loose, bytes));
+  }
+  auto info = RunCommand({"qemu-img", "info", "-f", "qcow2", "--output=json", loose});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  ASSERT_EQ(info.out.find("backing-filename-format"), std::string::npos) << info.out;
+  r = Vmdedup(
+      {"backup", "-r", repo_, "--vm", "vm2", "--disk", "vda", "--backing-chain", "qcow2:" + loose});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("format"), std::string::npos) << r.err;
+}
+
 TEST_F(BackupImageTest, QcowRestoreMatchesOriginal) {
   MakeImage(16 * kMiB, 4 * kMiB, 6);
   Backup();
@@ -246,7 +347,7 @@ TEST_F(BackupImageTest, QcowRestoreMatchesOriginal) {
 TEST_F(BackupImageTest, BadInputGivesClearErrors) {
   MakeImage(8 * kMiB, 1 * kMiB, 7);
   // Missing image: names the file.
-  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "file:" + dir_.Sub("nope.qcow2")});
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "qcow2:" + dir_.Sub("nope.qcow2")});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("nope.qcow2"), std::string::npos) << r.err;
   // Not a repository.
@@ -254,14 +355,14 @@ TEST_F(BackupImageTest, BadInputGivesClearErrors) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("vmdedup init"), std::string::npos) << r.err;
   // Bad VM name.
-  r = Vmdedup({"backup", "-r", repo_, "--vm", "a/b", "file:" + image_});
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "a/b", "qcow2:" + image_});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("may only contain"), std::string::npos) << r.err;
   // Unknown source kind.
   r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "ftp://host/x"});
   EXPECT_EQ(r.exit_code, 2);
   // Unknown priority: names the value and the choices, and records nothing.
-  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "--priority", "high", "file:" + image_});
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "--priority", "high", "qcow2:" + image_});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("normal, low or idle, got 'high'"), std::string::npos) << r.err;
   r = Vmdedup({"snapshots", "-r", repo_, "--vm", "x"});
@@ -285,7 +386,7 @@ TEST_F(BackupImageTest, BadInputGivesClearErrors) {
   std::string broken = dir_.Sub("broken.qcow2");
   ASSERT_EQ(RunCommand({"cp", image_, broken}).exit_code, 0);
   ASSERT_EQ(truncate(broken.c_str(), 1000), 0);
-  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "file:" + broken});
+  r = Vmdedup({"backup", "-r", repo_, "--vm", "x", "qcow2:" + broken});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("broken.qcow2"), std::string::npos) << r.err;
 }
@@ -299,7 +400,7 @@ TEST_F(BackupImageTest, SecondBackupOfSameVmIsRefusedByTheLock) {
   int fd = open(lock.c_str(), O_RDWR);
   ASSERT_GE(fd, 0);
   ASSERT_EQ(flock(fd, LOCK_EX), 0);
-  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "file:" + image_});
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "qcow2:" + image_});
   EXPECT_EQ(r.exit_code, 4);
   EXPECT_NE(r.err.find("locked"), std::string::npos) << r.err;
   // Readers are not blocked by the backup lock itself.

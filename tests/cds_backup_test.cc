@@ -94,7 +94,7 @@ class CdsBackupTest : public ::testing::Test {
 
   void BackUpThreeVms() {
     for (const char* vm : {"vm1", "vm2", "vm3"}) {
-      auto s = Backup(vm, "file:" + MakeVmImage(vm));
+      auto s = Backup(vm, "raw:" + MakeVmImage(vm));
       ASSERT_FALSE(s.is_null());
       EXPECT_EQ(s["cds"].get<uint64_t>(), 0u);
       EXPECT_EQ(s["cds_version"].get<uint64_t>(), 0u);
@@ -116,7 +116,7 @@ TEST_F(CdsBackupTest, BackupsReferenceCdsBlocksThatRestoreAndCheck) {
   // A new VM cloned from the same template finds the template's blocks in
   // the CDS at its first backup; only its own data is new.
   std::string image = MakeVmImage("vm4");
-  auto s = Backup("vm4", "file:" + image);
+  auto s = Backup("vm4", "raw:" + image);
   ASSERT_FALSE(s.is_null());
   EXPECT_EQ(s["cds_version"].get<uint64_t>(), 1u) << s.dump();
   EXPECT_EQ(s["cds"].get<uint64_t>(), 8 * kMiB) << s.dump();
@@ -126,7 +126,7 @@ TEST_F(CdsBackupTest, BackupsReferenceCdsBlocksThatRestoreAndCheck) {
   EXPECT_EQ(RestoreSha("vm4/vda/1"), FileSha256(image));
 
   // An incremental of that VM keeps its CDS references (level 1/2).
-  auto s2 = Backup("vm4", "file:" + image);
+  auto s2 = Backup("vm4", "raw:" + image);
   EXPECT_EQ(s2["new"].get<uint64_t>(), 0u) << s2.dump();
   EXPECT_EQ(RestoreSha("vm4/vda/2"), FileSha256(image));
 
@@ -211,7 +211,7 @@ TEST_F(CdsBackupTest, RebuildWhileABackupRunsKeepsTheVersionItStartedWith) {
   EXPECT_EQ(RestoreSha("vm4/vda/1"), FileSha256(image));
 
   // The next backup uses version 2.
-  auto s5 = Backup("vm5", "file:" + MakeVmImage("vm5"));
+  auto s5 = Backup("vm5", "raw:" + MakeVmImage("vm5"));
   EXPECT_EQ(s5["cds_version"].get<uint64_t>(), 2u) << s5.dump();
   EXPECT_EQ(s5["cds"].get<uint64_t>(), 8 * kMiB) << s5.dump();
   EXPECT_EQ(RestoreSha("vm5/vda/1"), FileSha256(dir_.Sub("vm5.raw")));
@@ -229,7 +229,7 @@ TEST_F(CdsBackupTest, DamagedCdsPointerNeverFailsABackup) {
     out << "not a pointer";
   }
   std::string image = MakeVmImage("vm4");
-  auto s = Backup("vm4", "file:" + image);
+  auto s = Backup("vm4", "raw:" + image);
   ASSERT_FALSE(s.is_null());
   EXPECT_NE(last_err_.find("common data set cannot be used"), std::string::npos) << last_err_;
   EXPECT_NE(last_err_.find("cds/current"), std::string::npos) << last_err_;

@@ -112,7 +112,7 @@ class CdsBuilderTest : public ::testing::Test {
   }
 
   void Backup(const std::string& vm, const std::string& image) {
-    auto r = Vmdedup({"backup", "-r", repo_, "--vm", vm, "--disk", "vda", "-q", "file:" + image});
+    auto r = Vmdedup({"backup", "-r", repo_, "--vm", vm, "--disk", "vda", "-q", "qcow2:" + image});
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
 
@@ -288,16 +288,21 @@ TEST_F(CdsBuilderTest, EmptyRepositoryHasNothingToCount) {
 TEST_F(CdsBuilderTest, UnreadableSeedIsNamedAndNothingIsWritten) {
   MakeThreeVms();
   std::string missing = dir_.Sub("no-such-template.qcow2");
-  auto r = Vmdedup({"cds", "build", "-r", repo_, "--seed", "file:" + missing});
+  auto r = Vmdedup({"cds", "build", "-r", repo_, "--seed", "qcow2:" + missing});
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.err.find("seed 'file:" + missing + "'"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("seed 'qcow2:" + missing + "'"), std::string::npos) << r.err;
   // A directory is not an image either.
-  r = Vmdedup({"cds", "build", "-r", repo_, "--seed", "file:" + dir_.path()});
+  r = Vmdedup({"cds", "build", "-r", repo_, "--seed", "raw:" + dir_.path()});
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.err.find("seed 'file:" + dir_.path() + "'"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("seed 'raw:" + dir_.path() + "'"), std::string::npos) << r.err;
   r = Vmdedup({"cds", "build", "-r", repo_, "--seed", "ftp://x/y"});
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("seed 'ftp://x/y'"), std::string::npos) << r.err;
+  // A seed's format is never guessed: file:PATH has none to go by.
+  const std::string tmpl = MakeImage("template", 8 * kMiB, {kC});
+  r = Vmdedup({"cds", "build", "-r", repo_, "--seed", "file:" + tmpl});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("qcow2:PATH"), std::string::npos) << r.err;
   EXPECT_EQ(Pointer().current, 0u);
   EXPECT_TRUE(CdsObjects().empty());
 }
@@ -401,7 +406,7 @@ TEST_F(CdsBuilderTest, RawSeedIsReadWithoutQemuNbd) {
   }
   ASSERT_EQ(chmod((bin + "/qemu-nbd").c_str(), 0755), 0);
   auto r = RunShell("PATH='" + bin + "':\"$PATH\" '" + VmdedupBinary() + "' cds build -r '" +
-                    repo_ + "' --fraction 100 --seed 'file:" + raw + "' --json");
+                    repo_ + "' --fraction 100 --seed 'raw:" + raw + "' --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(access(dir_.Sub("qemu-nbd-ran").c_str(), F_OK), 0) << "qemu-nbd was started";
   auto v = nlohmann::json::parse(r.out);
@@ -414,7 +419,7 @@ TEST_F(CdsBuilderTest, SeedBlocksAreCandidatesEvenWithOneHolder) {
   MakeThreeVms();
   // The template holds C (which only vm1 holds) and D (which no VM holds).
   std::string tmpl = MakeImage("template", 8 * kMiB, {kC, kD});
-  auto v = Build({"--fraction", "100", "--seed", "file:" + tmpl, "--threads", "3"});
+  auto v = Build({"--fraction", "100", "--seed", "qcow2:" + tmpl, "--threads", "3"});
   ASSERT_FALSE(v.is_null());
   EXPECT_EQ(v["seed_blocks"], 16);
   EXPECT_EQ(v["candidates"], 24 + 16);
@@ -425,7 +430,7 @@ TEST_F(CdsBuilderTest, SeedBlocksAreCandidatesEvenWithOneHolder) {
   auto s = CdsStatus();
   ASSERT_EQ(s["versions"].size(), 1u);
   ASSERT_EQ(s["versions"][0]["seeds"].size(), 1u);
-  EXPECT_EQ(s["versions"][0]["seeds"][0], "file:" + tmpl);
+  EXPECT_EQ(s["versions"][0]["seeds"][0], "qcow2:" + tmpl);
 
   // With a small budget the seed's blocks rank by holders like any other:
   // C (vm1 + seed = 2) comes with B, D (seed only = 1) last.
@@ -433,7 +438,7 @@ TEST_F(CdsBuilderTest, SeedBlocksAreCandidatesEvenWithOneHolder) {
   ASSERT_TRUE(repo.ok());
   CdsBuildOptions o;
   o.index_budget_bytes = (16 + 8 + 8) * 24;
-  o.seeds = {"file:" + tmpl};
+  o.seeds = {"qcow2:" + tmpl};
   std::vector<std::string> phases;
   o.progress = [&](uint64_t, uint64_t, const char* phase) {
     if (phases.empty() || phases.back() != phase) phases.push_back(phase);

@@ -354,7 +354,7 @@ class CrashTest : public ::testing::Test {
 
   std::vector<std::string> BackupArgv() {
     return {VmdedupBinary(), "backup", "-r",        repo_, "--vm",   "vm1",
-            "--disk",        "vda",    "--threads", "1",   "--json", "file:" + image_};
+            "--disk",        "vda",    "--threads", "1",   "--json", "qcow2:" + image_};
   }
 
   std::vector<Snap> Snapshots() {

@@ -189,7 +189,7 @@ class FaultInjectionBackupTest : public ::testing::Test {
     BackupJobOptions o;
     o.vm = "vm1";
     o.disk = "vda";
-    o.source = "file:" + image_;
+    o.source = "qcow2:" + image_;
     o.threads = 2;
     return o;
   }

@@ -86,7 +86,7 @@ class FrameBackupTest : public ::testing::Test {
 
   nlohmann::json Backup(const std::string& repo, const std::string& threads = "1") {
     auto r = Vmdedup({"backup", "-r", repo, "--vm", "vm1", "--disk", "vda", "--threads", threads,
-                      "--json", "file:" + image_});
+                      "--json", "raw:" + image_});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json();
   }

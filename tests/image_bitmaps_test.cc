@@ -228,7 +228,7 @@ TEST_F(ImageBitmapsTest, InspectQcow2WithBitmaps) {
   std::string img = NewQcow2("a.qcow2", "32M");
   ASSERT_TRUE(AddBitmap(img, "b1", true).ok());
   ASSERT_TRUE(AddBitmap(img, "b2", false).ok());
-  auto info = InspectImage(img);
+  auto info = InspectImage(img, "qcow2");
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   EXPECT_EQ(info->path, img);
   EXPECT_EQ(info->format, "qcow2");
@@ -248,25 +248,38 @@ TEST_F(ImageBitmapsTest, InspectQcow2WithBitmaps) {
 TEST_F(ImageBitmapsTest, InspectRawAndBadFiles) {
   std::string raw = dir_.Sub("r.raw");
   MustRun({"truncate", "-s", "3M", raw});
-  auto info = InspectImage(raw);
+  auto info = InspectImage(raw, "raw");
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   EXPECT_EQ(info->format, "raw");
   EXPECT_EQ(info->virtual_size, 3 * MiB);
   EXPECT_TRUE(info->bitmaps.empty());
 
-  info = InspectImage(dir_.Sub("missing.qcow2"));
+  info = InspectImage(dir_.Sub("missing.qcow2"), "qcow2");
   EXPECT_TRUE(info.status().IsNotFound()) << info.status().ToString();
   EXPECT_NE(info.status().message().find(dir_.Sub("missing.qcow2")), std::string::npos);
 
-  info = InspectImage(dir_.path());
+  info = InspectImage(dir_.path(), "raw");
   EXPECT_TRUE(info.status().IsInvalidArgument()) << info.status().ToString();
 
   // A qcow2 magic with a garbage header: qemu-img's message is kept.
   std::string bad = dir_.Sub("bad.qcow2");
   std::ofstream(bad) << "QFI\xfb" << std::string(200, 'x');
-  info = InspectImage(bad);
+  info = InspectImage(bad, "qcow2");
   EXPECT_TRUE(info.status().IsInvalidArgument()) << info.status().ToString();
   EXPECT_NE(info.status().message().find("qcow2"), std::string::npos) << info.status().ToString();
+
+  // The format is the caller's, never probed: a raw file is not a qcow2
+  // image, and a qcow2 image read as raw is its bytes.
+  info = InspectImage(raw, "qcow2");
+  EXPECT_TRUE(info.status().IsInvalidArgument()) << info.status().ToString();
+  std::string img = NewQcow2("q.qcow2", "32M");
+  info = InspectImage(img, "raw");
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->format, "raw");
+  EXPECT_LT(info->virtual_size, 32 * MiB);
+  EXPECT_TRUE(InspectSourceImage(img, "vmdk", false).status().IsInvalidArgument());
+  EXPECT_TRUE(InspectSourceImage(img, "qcow2", false).ok());
+  EXPECT_TRUE(InspectImage(img, "").status().IsInvalidArgument());
 }
 
 TEST_F(ImageBitmapsTest, RelativePathWithColon) {
@@ -276,7 +289,7 @@ TEST_F(ImageBitmapsTest, RelativePathWithColon) {
   ASSERT_NE(getcwd(old_cwd, sizeof(old_cwd)), nullptr);
   ASSERT_EQ(chdir(dir_.path().c_str()), 0);
   Status add = AddBitmap("x:y.qcow2", "b", true);
-  auto info = InspectImage("x:y.qcow2");
+  auto info = InspectImage("x:y.qcow2", "qcow2");
   ASSERT_EQ(chdir(old_cwd), 0);
   EXPECT_TRUE(add.ok()) << add.ToString();
   ASSERT_TRUE(info.ok()) << info.status().ToString();
@@ -288,9 +301,9 @@ TEST_F(ImageBitmapsTest, EnableDisableRemoveAndErrors) {
   std::string img = NewQcow2("a.qcow2");
   ASSERT_TRUE(AddBitmap(img, "b1", true).ok());
   ASSERT_TRUE(DisableBitmap(img, "b1").ok());
-  EXPECT_FALSE(FindBitmap(*InspectImage(img), "b1")->enabled);
+  EXPECT_FALSE(FindBitmap(*InspectImage(img, "qcow2"), "b1")->enabled);
   ASSERT_TRUE(EnableBitmap(img, "b1").ok());
-  EXPECT_TRUE(FindBitmap(*InspectImage(img), "b1")->enabled);
+  EXPECT_TRUE(FindBitmap(*InspectImage(img, "qcow2"), "b1")->enabled);
 
   Status st = AddBitmap(img, "b1", false);
   EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
@@ -312,10 +325,10 @@ TEST_F(ImageBitmapsTest, EnableDisableRemoveAndErrors) {
   EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
 
   ASSERT_TRUE(RemoveBitmap(img, "b1").ok());
-  EXPECT_TRUE(InspectImage(img)->bitmaps.empty());
+  EXPECT_TRUE(InspectImage(img, "qcow2")->bitmaps.empty());
   // A name that looks like an option.
   ASSERT_TRUE(AddBitmap(img, "-x", true).ok());
-  EXPECT_TRUE(FindBitmap(*InspectImage(img), "-x"));
+  EXPECT_TRUE(FindBitmap(*InspectImage(img, "qcow2"), "-x"));
   ASSERT_TRUE(RemoveBitmap(img, "-x").ok());
 }
 
@@ -324,7 +337,7 @@ TEST_F(ImageBitmapsTest, EnabledBitmapRecordsQemuIoWritesAndMergeUnites) {
   ASSERT_TRUE(AddBitmap(img, "b1", true).ok());
   MustRun({"qemu-io", "-f", "qcow2", "-c", "write -P 0xab 1M 64k", "-c", "write 4M 100k", img});
   // qemu-io saved the bitmap when it closed the image.
-  auto info = InspectImage(img);
+  auto info = InspectImage(img, "qcow2");
   ASSERT_TRUE(info.ok());
   EXPECT_TRUE(FindBitmap(*info, "b1")->enabled);
   EXPECT_FALSE(FindBitmap(*info, "b1")->in_use);
@@ -358,7 +371,7 @@ TEST_F(ImageBitmapsTest, ImageInUseIsBusy) {
   std::string sock = dir_.Sub("w.sock");
   Background writer({"qemu-nbd", "-f", "qcow2", "-k", sock, img});
   ASSERT_TRUE(WaitForSocket(sock));
-  auto info = InspectImage(img);
+  auto info = InspectImage(img, "qcow2");
   EXPECT_TRUE(info.status().IsBusy()) << info.status().ToString();
   EXPECT_NE(info.status().message().find(img), std::string::npos);
   EXPECT_NE(info.status().message().find("in use"), std::string::npos);
@@ -368,7 +381,7 @@ TEST_F(ImageBitmapsTest, ImageInUseIsBusy) {
   EXPECT_TRUE(st.IsBusy()) << st.ToString();
   writer.Kill(SIGTERM);
   // Closed cleanly: usable again, and the bitmap is consistent.
-  info = InspectImage(img);
+  info = InspectImage(img, "qcow2");
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   EXPECT_FALSE(FindBitmap(*info, "b1")->in_use);
 }
@@ -379,7 +392,7 @@ TEST_F(ImageBitmapsTest, ReadOnlyServerBlocksBitmapChangesButNotInspection) {
   std::string sock = dir_.Sub("r.sock");
   Background reader({"qemu-nbd", "--persistent", "-r", "-f", "qcow2", "-k", sock, img});
   ASSERT_TRUE(WaitForSocket(sock));
-  auto info = InspectImage(img);
+  auto info = InspectImage(img, "qcow2");
   EXPECT_TRUE(info.ok()) << info.status().ToString();
   Status st = DisableBitmap(img, "b1");
   EXPECT_TRUE(st.IsBusy()) << st.ToString();
@@ -397,7 +410,7 @@ TEST_F(ImageBitmapsTest, InconsistentBitmapAfterCrash) {
     MustRun({"nbdinfo", "--size", "nbd+unix:///?socket=" + sock});
     writer.Kill(SIGKILL);
   }
-  auto info = InspectImage(img);
+  auto info = InspectImage(img, "qcow2");
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   const ImageBitmap* b1 = FindBitmap(*info, "b1");
   ASSERT_TRUE(b1);
@@ -412,7 +425,7 @@ TEST_F(ImageBitmapsTest, InconsistentBitmapAfterCrash) {
   }
   // Removing is the one thing left to do with it.
   ASSERT_TRUE(RemoveBitmap(img, "b1").ok());
-  info = InspectImage(img);
+  info = InspectImage(img, "qcow2");
   ASSERT_TRUE(info.ok());
   EXPECT_FALSE(FindBitmap(*info, "b1"));
 }

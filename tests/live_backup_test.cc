@@ -447,7 +447,7 @@ TEST_F(LiveBackupTest, FullThenChainedIncrementalsReadOnlyDirtyExtentsAndRestore
   {
     const std::string other = dir_.Sub("other.raw");
     std::ofstream(other) << std::string(256 * 1024, 'o');
-    auto b = Vmdedup({"backup", "-r", repo_, "--vm", "other", "--disk", "vd0", "file:" + other});
+    auto b = Vmdedup({"backup", "-r", repo_, "--vm", "other", "--disk", "vd0", "raw:" + other});
     ASSERT_EQ(b.exit_code, 0) << b.err;
     ASSERT_EQ(testing::DamageSnapshotRecord(repo_, "other", "vd0", 1), "");
     auto unrelated = Vmdedup({"status", "-r", repo_, "--json", "qemu:" + g.Socket()});

@@ -65,13 +65,6 @@ std::string Sha(const std::string& data) {
   return Sha256({reinterpret_cast<const uint8_t*>(data.data()), data.size()}).Hex();
 }
 
-void WriteWhole(const std::string& path, const std::string& data) {
-  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  ASSERT_GE(fd, 0) << path;
-  ASSERT_EQ(write(fd, data.data(), data.size()), static_cast<ssize_t>(data.size()));
-  close(fd);
-}
-
 // One step of a scenario: a backup of `vm` whose disk holds `content`, or a
 // CDS build (`vm` empty).
 struct Step {
@@ -127,7 +120,8 @@ class PowerCutTest : public ::testing::Test {
       ASSIGN_OR_RETURN(CdsBuildResult r, BuildCds(repo, o));
       return r.version;
     }
-    WriteWhole(ImagePath(step.vm), step.content);
+    if (!WriteFileBytes(ImagePath(step.vm), step.content))
+      return Status::IOError("cannot write " + ImagePath(step.vm));
     std::unique_ptr<CdsIndex> cds;
     CdsArea area(repo.objects());
     ASSIGN_OR_RETURN(CdsPointer pointer, area.ReadPointer());
@@ -137,7 +131,7 @@ class PowerCutTest : public ::testing::Test {
     BackupJobOptions o;
     o.vm = step.vm;
     o.disk = "vda";
-    o.source = "file:" + ImagePath(step.vm);
+    o.source = "raw:" + ImagePath(step.vm);
     o.threads = 2;
     o.cds = cds.get();
     ASSIGN_OR_RETURN(SnapshotRecord snap, RunBackupJob(repo, o));

@@ -499,7 +499,7 @@ TEST_F(RawFileSourceTest, BackupOfRawImageStartsNoQemuNbd) {
   auto init = RunCommand({vmdedup, "init", repo});
   ASSERT_EQ(init.exit_code, 0) << init.err;
   auto b = RunShell(env + "'" + vmdedup + "' backup -r '" + repo +
-                    "' --vm v --disk d --json 'file:" + path + "'");
+                    "' --vm v --disk d --json 'raw:" + path + "'");
   ASSERT_EQ(b.exit_code, 0) << b.err;
   EXPECT_NE(access(dir_.Sub("qemu-nbd-ran").c_str(), F_OK), 0) << "qemu-nbd was started";
   auto s = nlohmann::json::parse(b.out);
@@ -514,7 +514,7 @@ TEST_F(RawFileSourceTest, BackupOfRawImageStartsNoQemuNbd) {
   Background writer({"qemu-nbd", "-f", "raw", "--persistent", "-k", sock, path},
                     dir_.Sub("qemu-nbd.log"));
   ASSERT_TRUE(WaitForLock(path, 101));
-  b = RunCommand({vmdedup, "backup", "-r", repo, "--vm", "v", "--disk", "d", "file:" + path});
+  b = RunCommand({vmdedup, "backup", "-r", repo, "--vm", "v", "--disk", "d", "raw:" + path});
   EXPECT_EQ(b.exit_code, 4) << b.err;
   EXPECT_NE(b.err.find("running VM"), std::string::npos) << b.err;
 }

@@ -123,7 +123,7 @@ TEST(RecordsTest, SnapshotVersion2CarriesTheCdsVersion) {
   s.cds_version = (1ull << 40) + 3;
   std::string key = SnapshotKey(s.disk, s.seq);
   std::string v = EncodeSnapshot(key, s);
-  EXPECT_EQ(static_cast<uint8_t>(v[1]), 2u) << "snapshots are written as record version 2";
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 2u) << "a snapshot without a source format is version 2";
   SnapshotRecord d;
   ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
   EXPECT_EQ(d.cds_version, s.cds_version);
@@ -132,6 +132,35 @@ TEST(RecordsTest, SnapshotVersion2CarriesTheCdsVersion) {
     SnapshotRecord r;
     return DecodeSnapshot(k, val, &r);
   });
+}
+
+// Version 3 appends the source format; a snapshot without one stays version
+// 2 (repositories of format version 1, NBD and live sources), and versions
+// 1 and 2 read with none.
+TEST(RecordsTest, SnapshotVersion3CarriesTheSourceFormat) {
+  SnapshotRecord s = SampleSnapshot();
+  s.cds_version = 5;
+  s.source_format = "qcow2";
+  std::string key = SnapshotKey(s.disk, s.seq);
+  std::string v = EncodeSnapshot(key, s);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 3u);
+  SnapshotRecord d;
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_EQ(d.source_format, "qcow2");
+  EXPECT_EQ(d.cds_version, 5u);
+  ExpectEveryDamageDetected(key, v, [](const std::string& k, const std::string& val) {
+    SnapshotRecord r;
+    return DecodeSnapshot(k, val, &r);
+  });
+  s.source_format.clear();
+  v = EncodeSnapshot(key, s);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 2u);
+  d.source_format = "stale";
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_EQ(d.source_format, "");
+  // A version 4 record is a newer vmdedup's.
+  std::string newer = Reseal(key, 4, v.substr(0, v.size() - 4));
+  EXPECT_EQ(DecodeSnapshot(key, newer, &d).code(), Status::Code::kNotSupported);
 }
 
 TEST(RecordsTest, SnapshotVersion1IsStillReadWithoutCdsVersion) {
@@ -163,9 +192,9 @@ TEST(RecordsTest, SnapshotVersion1IsStillReadWithoutCdsVersion) {
   EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 1, v2.substr(0, v2.size() - 4)), &d).IsCorruption());
   // A version 2 record without the cds version is truncated.
   EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 2, covered), &d).IsCorruption());
-  // Version 3 is a newer vmdedup's, version 0 never existed.
-  EXPECT_EQ(DecodeSnapshot(key, Reseal(key, 3, v2.substr(0, v2.size() - 4)), &d).code(),
-            Status::Code::kNotSupported);
+  // A version 3 record without its source format is truncated; version 0
+  // never existed.
+  EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 3, v2.substr(0, v2.size() - 4)), &d).IsCorruption());
   EXPECT_TRUE(DecodeSnapshot(key, Reseal(key, 0, covered), &d).IsCorruption());
   // Other record types stay at version 1.
   std::string counter = EncodeCounter(CounterKey("container"), 5);
@@ -488,11 +517,6 @@ std::string WriteRepoConfig(const testing::ScratchDir& dir, const std::string& n
   return path;
 }
 
-std::string ReadWholeFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
 TEST(RepositoryTest, CreateWritesFormatVersion2AndTheFrameSize) {
   testing::ScratchDir dir;
   RepoConfig defaults;
@@ -503,7 +527,7 @@ TEST(RepositoryTest, CreateWritesFormatVersion2AndTheFrameSize) {
   EXPECT_EQ((*repo)->config().format_version, 2u);
   EXPECT_EQ((*repo)->config().frame_size, 65536u);
   // The file itself, as documented.
-  std::string file = ReadWholeFile(dir.Sub("repo") + "/vmdedup-repo");
+  std::string file = testing::ReadFileBytes(dir.Sub("repo") + "/vmdedup-repo");
   ASSERT_GE(file.size(), 16u);
   EXPECT_EQ(file.substr(0, 8), "VMDDREPO");
   const auto* p = reinterpret_cast<const uint8_t*>(file.data());
@@ -608,7 +632,8 @@ TEST(RepositoryTest, ConfigurationVersions) {
   EXPECT_EQ(c.compression_level, 5);
   EXPECT_EQ(c.container_capacity, 16u << 20);
   // Opening does not rewrite it.
-  EXPECT_EQ(ReadWholeFile(v1 + "/vmdedup-repo"), ConfigFileBytes(ConfigBody(1, std::nullopt)));
+  EXPECT_EQ(testing::ReadFileBytes(v1 + "/vmdedup-repo"),
+            ConfigFileBytes(ConfigBody(1, std::nullopt)));
 
   // Version 2 with a frame size (the hand-written file is right).
   std::string v2 = WriteRepoConfig(dir, "v2", ConfigFileBytes(ConfigBody(2, 8192)));

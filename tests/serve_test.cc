@@ -49,16 +49,6 @@ constexpr uint64_t kImageSize = 48 * kMiB;
 
 using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;  // [begin, end)
 
-std::string ReadFileBytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-void WriteFileBytes(const std::string& path, const std::string& data) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(data.data(), static_cast<std::streamsize>(data.size()));
-}
-
 std::string Sha(const std::string& data) {
   return Sha256({reinterpret_cast<const uint8_t*>(data.data()), data.size()}).Hex();
 }
@@ -394,13 +384,13 @@ class ServeTest : public ::testing::Test {
     MustRun({VmdedupBinary(), "init", "--chunker", "fixed",
              w.repo});  // 4 KiB blocks: the tests find blocks by offset
     MustRun({VmdedupBinary(), "backup", "-r", w.repo, "--vm", "vm1", "--disk", "vda", "-q",
-             "file:" + w.image});
+             "qcow2:" + w.image});
     MustRun({"qemu-img", "convert", "-q", "-O", "raw", w.image, w.snap1_raw});
     MustRun({"cp", w.image, w.snap1_qcow2});
     MustRun({"qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", "-c", "write -P 0x77 30M 1M",
              "-c", "discard 2M 512k", w.image});
     MustRun({VmdedupBinary(), "backup", "-r", w.repo, "--vm", "vm1", "--disk", "vda", "-q",
-             "file:" + w.image});
+             "qcow2:" + w.image});
     MustRun({"qemu-img", "convert", "-q", "-O", "raw", w.image, w.snap2_raw});
     w.snap1_sha = FileSha256(w.snap1_raw);
     w.snap2_sha = FileSha256(w.snap2_raw);
@@ -848,7 +838,7 @@ TEST_F(ServeTest, SnapshotWithCdsReferences) {
     BackupJobOptions o;
     o.vm = "vmc";
     o.disk = "vda";
-    o.source = "file:" + w().snap1_raw;
+    o.source = "raw:" + w().snap1_raw;
     o.cds = &cds;
     auto snap = RunBackupJob(**repo, o);
     ASSERT_TRUE(snap.ok()) << snap.status().ToString();

@@ -39,6 +39,10 @@ CommandResult RunShell(const std::string& script);
 // Returns its pid (the caller kills and reaps it), or -1 when fork failed.
 int SpawnLogged(const std::vector<std::string>& argv, const std::string& log_path);
 
+// The whole content of a file ("" when it cannot be read).
+std::string ReadFileBytes(const std::string& path);
+// Replaces a file's content (creating it); false when it cannot be written.
+bool WriteFileBytes(const std::string& path, const std::string& data);
 // Hex SHA-256 of a whole file's content ("" when it cannot be read).
 std::string FileSha256(const std::string& path);
 // Deterministic pseudo-random bytes.
