@@ -6,6 +6,7 @@
 #include "dirty-bitmap/live_fleece.h"
 #include "dirty-bitmap/qmp_client.h"
 #include "engine/backup_job.h"
+#include "engine/series_bitmaps.h"
 #include "store/repository.h"
 
 namespace vmdedup::cli {
@@ -117,7 +118,7 @@ int StatusCommand(int argc, char** argv) {
         nlohmann::json js = {{"series", vm + "/" + d.name}, {"last_snapshot", nullptr}};
         bool has_bitmap = false;
         for (const LiveBitmap& b : d.bitmaps)
-          has_bitmap = has_bitmap || b.name.rfind(prefix, 0) == 0;
+          has_bitmap = has_bitmap || SeriesBitmapSeq(b.name, prefix).has_value();
         // Not found: the VM or the series has no snapshot (shown only when
         // its bitmap is on the disk). Any other error is the repository's,
         // and is shown rather than hidden for a series of this disk: one

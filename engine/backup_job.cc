@@ -7,6 +7,7 @@
 #include "base/human_size.h"
 #include "dirty-bitmap/image_bitmaps.h"
 #include "engine/image_source.h"
+#include "engine/series_bitmaps.h"
 #include "nbd-client/block_source.h"
 #include "nbd-client/raw_file_source.h"
 
@@ -32,27 +33,31 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
   ImageBitmapPlan plan;
   const std::string prefix = SeriesBitmapPrefix(repo.config().repo_id, o.vm, o.disk);
   const std::string parent_bitmap = parent ? parent->bitmap : "";
-  // Bitmaps named by older snapshots of the series are stale; others of ours
-  // were left by an interrupted run and hold writes since the parent.
-  std::set<std::string> older;
+  // Only a bitmap of the current naming can continue the parent: one of the
+  // older scheme could be another series' (engine/series_bitmaps.h).
+  const bool parent_named_now = SeriesBitmapSeq(parent_bitmap, prefix).has_value();
+  // Bitmaps named by older snapshots of the series are stale, as is the
+  // parent's of the older scheme; others of ours were left by an
+  // interrupted run (of this repository or a copy of it) and hold writes
+  // since the parent.
+  std::set<std::string> stale;
   ASSIGN_OR_RETURN(auto snaps, vm.ListSnapshots(o.disk));
   for (const auto& s : snaps)
-    if (!s.bitmap.empty() && s.bitmap != parent_bitmap) older.insert(s.bitmap);
+    if (!s.bitmap.empty() && (s.bitmap != parent_bitmap || !parent_named_now))
+      stale.insert(s.bitmap);
 
   const ImageBitmap* parent_bm = nullptr;
   std::vector<std::string> orphans;
   for (const ImageBitmap& b : info.bitmaps) {
-    // Ours are PREFIX followed by digits only (the prefix of disk "a" is
-    // also a prefix of disk "a.5"'s bitmaps); others are never touched.
-    if (b.name.rfind(prefix, 0) != 0 || b.name.size() == prefix.size() ||
-        b.name.find_first_not_of("0123456789", prefix.size()) != std::string::npos)
-      continue;
-    if (b.name == parent_bitmap)
-      parent_bm = &b;
-    else if (older.count(b.name))
+    if (stale.count(b.name)) {
       RETURN_IF_ERROR(RemoveBitmap(info.path, b.name));
-    else
+    } else if (!SeriesBitmapSeq(b.name, prefix)) {
+      continue;  // not ours: never touched
+    } else if (b.name == parent_bitmap) {
+      parent_bm = &b;
+    } else {
       orphans.push_back(b.name);
+    }
   }
   bool parent_usable = parent_bm != nullptr && !parent_bm->in_use;
   bool recovered = false;
@@ -79,6 +84,9 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
                   HumanSize(info.virtual_size);
   } else if (parent_bitmap.empty()) {
     plan.reason = "full: the parent snapshot " + parent->Id() + " has no dirty bitmap to continue";
+  } else if (!parent_named_now) {
+    plan.reason = "full: bitmap " + parent_bitmap +
+                  " has vmdedup's older name, which two series could share; reading all once";
   } else if (parent_bm == nullptr) {
     plan.reason = "full: bitmap " + parent_bitmap +
                   " is missing from the image (removed, or the image was replaced)";
@@ -95,7 +103,7 @@ Result<ImageBitmapPlan> PrepareImageBitmaps(const Repository& repo, VmStore& vm,
   if (!plan.incremental && parent_bm != nullptr)
     RETURN_IF_ERROR(RemoveBitmap(info.path, parent_bitmap));
 
-  plan.new_name = prefix + std::to_string(next_seq);
+  plan.new_name = NewSeriesBitmapName(prefix, next_seq);
   RETURN_IF_ERROR(AddBitmap(info.path, plan.new_name, /*enabled=*/true));
   // An enabled bitmap cannot be exported read-only; it records nothing while
   // the image is exported read-only anyway.
@@ -122,11 +130,6 @@ void RollBackImageBitmaps(const std::string& path, const ImageBitmapPlan& plan,
 }
 
 }  // namespace
-
-std::string SeriesBitmapPrefix(const std::string& repo_id, const std::string& vm,
-                               const std::string& disk) {
-  return "vmdedup." + repo_id.substr(0, 8) + "." + vm + "." + disk + ".";
-}
 
 Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o) {
   RETURN_IF_ERROR(ValidateName("VM", o.vm));

@@ -6,11 +6,13 @@
 // Sources: image files, "raw:PATH" (read directly) and "qcow2:PATH" (served
 // by a qemu-nbd started for the backup), or "file:PATH" whose format comes
 // from `format` or the series' latest snapshot, never from probing
-// (engine/image_source.h); and NBD URIs ("nbd://", "nbd+unix://"). For qcow2 images vmdedup keeps
-// one persistent bitmap per disk series, named "vmdedup.REPOID.VM.DISK.SEQ" so that it never
-// clashes with another tool's or another repository's. The rotation keeps this invariant: after any
-// crash or failure, the bitmap named in the latest snapshot, merged with any newer vmdedup bitmap
-// of the series, holds every write since that snapshot.
+// (engine/image_source.h); and NBD URIs ("nbd://", "nbd+unix://"). For
+// qcow2 images vmdedup keeps one persistent bitmap per disk series, named
+// so that no other series, repository copy or tool can be taken for it
+// (engine/series_bitmaps.h). The rotation keeps this invariant: after any
+// crash or failure, the bitmap named in the latest snapshot, merged with
+// any newer vmdedup bitmap of the series, holds every write since that
+// snapshot.
 //
 // Thread model: one call at a time per VM (the VM lock enforces it).
 #pragma once
@@ -43,9 +45,5 @@ struct BackupJobOptions {
 };
 
 Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& options);
-
-// The name prefix of the bitmaps vmdedup owns for a disk series.
-std::string SeriesBitmapPrefix(const std::string& repo_id, const std::string& vm,
-                               const std::string& disk);
 
 }  // namespace vmdedup

@@ -11,25 +11,13 @@
 #include "dirty-bitmap/live_fleece.h"
 #include "dirty-bitmap/qmp_client.h"
 #include "engine/backup_job.h"
+#include "engine/series_bitmaps.h"
 #include "nbd-client/block_source.h"
 
 namespace vmdedup {
 namespace {
 
 using nlohmann::json;
-
-// The seq in one of the series' bitmap names (prefix + decimal digits).
-std::optional<uint64_t> SeriesSeq(const std::string& name, const std::string& prefix) {
-  if (name.rfind(prefix, 0) != 0 || name.size() == prefix.size() ||
-      name.size() - prefix.size() > 19)
-    return std::nullopt;
-  uint64_t v = 0;
-  for (size_t i = prefix.size(); i < name.size(); i++) {
-    if (name[i] < '0' || name[i] > '9') return std::nullopt;
-    v = v * 10 + static_cast<uint64_t>(name[i] - '0');
-  }
-  return v;
-}
 
 json BitmapAction(const std::string& type, const std::string& node, const std::string& name) {
   return {{"type", type}, {"data", {{"node", node}, {"name", name}}}};
@@ -171,7 +159,7 @@ Status LiveBackup::PlanBitmaps(DiskPlan& p, uint64_t next_seq) {
   const LiveBitmap* old = nullptr;
   std::vector<const LiveBitmap*> newer, older;
   for (const auto& b : d.bitmaps) {
-    auto seq = SeriesSeq(b.name, p.prefix);
+    auto seq = SeriesBitmapSeq(b.name, p.prefix);
     if (!seq) continue;
     if (b.name == parent_bitmap)
       old = &b;
@@ -217,9 +205,13 @@ Status LiveBackup::PlanBitmaps(DiskPlan& p, uint64_t next_seq) {
     p.reason = "full: first backup of " + series;
   } else if (parent_bitmap.empty()) {
     p.reason = "full: the parent snapshot " + p.parent->Id() + " has no dirty bitmap to continue";
-  } else if (!SeriesSeq(parent_bitmap, p.prefix)) {
+  } else if (!SeriesBitmapSeq(parent_bitmap, p.prefix)) {
     p.reason = "full: the parent snapshot's bitmap " + parent_bitmap +
-               " is not one vmdedup keeps for " + series;
+               " is not named as vmdedup names " + series +
+               "'s now (an older name could be another series'); reading all once";
+    // It is ours all the same (the parent names it): not kept recording.
+    for (const auto& b : d.bitmaps)
+      if (b.name == parent_bitmap && !b.busy) (void)RemoveBitmap(p, b.name, "the old-named");
   } else if (!old) {
     p.reason = "full: bitmap " + parent_bitmap + " is missing from node " + d.bitmap_node +
                " (removed, or QEMU was restarted without it)";
@@ -251,7 +243,7 @@ Status LiveBackup::PlanBitmaps(DiskPlan& p, uint64_t next_seq) {
     // An inconsistent bitmap can only be removed; an unusable one is useless.
     (void)RemoveBitmap(p, old->name, "the unusable");
   }
-  p.new_bitmap = p.prefix + std::to_string(next_seq);
+  p.new_bitmap = NewSeriesBitmapName(p.prefix, next_seq);
   p.persistent = d.format == "qcow2";
   return Status::OK();
 }

@@ -6,9 +6,10 @@
 // appears whole or not at all.
 //
 // Dirty bitmaps: per disk series, vmdedup keeps one persistent bitmap in
-// QEMU named like the file: source's (SeriesBitmapPrefix() + the seq of the
-// snapshot it follows), on the disk's format node (below filters). At the
-// instant of a backup the transaction adds NEW (prefix + the new seq) and
+// QEMU named as for image sources (engine/series_bitmaps.h: the series'
+// prefix, the seq of the snapshot it follows and a nonce), on the disk's
+// format node (below filters). At the instant of a backup the transaction
+// adds NEW (a new name for the new seq) and
 // disables OLD (the parent snapshot's bitmap), so OLD holds exactly the
 // writes since the parent and is exported with the snapshot; NEW records from
 // the instant on.

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -182,6 +183,100 @@ TEST_F(BackupImageTest, MissingBitmapFallsBackToFullReadButStoresOnlyChanges) {
   EXPECT_NE(last_note_.find("incremental"), std::string::npos) << last_note_;
   EXPECT_EQ(s3["read_bytes"].get<uint64_t>(), 64u * 1024);
   ExpectCheckClean();
+}
+
+// VM "a.b" disk "c" and VM "a" disk "b.c" once shared their bitmaps' names
+// (vmdedup.ID.a.b.c.SEQ): the second series took over the first's bitmap,
+// and the first's next incremental missed the writes before it.
+TEST_F(BackupImageTest, SeriesWhoseNamesRunTogetherNeverShareABitmap) {
+  MakeImage(16 * kMiB, 4 * kMiB, 21);
+  auto backup = [&](const std::string& vm, const std::string& disk) {
+    auto r =
+        Vmdedup({"backup", "-r", repo_, "--vm", vm, "--disk", disk, "--json", "qcow2:" + image_});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    last_note_ = r.err;
+    return r.exit_code == 0 ? nlohmann::json::parse(r.out) : nlohmann::json{};
+  };
+  backup("a.b", "c");
+  QemuIo({"write -P 0x61 1M 64k"});
+  backup("a", "b.c");
+  QemuIo({"write -P 0x62 5M 64k"});
+  const std::string sha = ImageSha();
+  auto s = backup("a.b", "c");
+  ASSERT_FALSE(s.is_null());
+  // Incremental through its own bitmap, which holds both writes.
+  EXPECT_NE(last_note_.find("incremental"), std::string::npos) << last_note_;
+  EXPECT_EQ(s["read_bytes"].get<uint64_t>(), 2 * 64 * 1024u) << s.dump();
+  EXPECT_EQ(RestoreSha("a.b/c/2"), sha);
+  QemuIo({"write -P 0x63 9M 64k"});
+  const std::string sha2 = ImageSha();
+  s = backup("a", "b.c");
+  ASSERT_FALSE(s.is_null());
+  EXPECT_EQ(RestoreSha("a/b.c/2"), sha2);
+  ExpectCheckClean();
+}
+
+// A copy of the repository (the same repository id) backing up the same
+// disk in turn with the original: neither may continue from a bitmap the
+// other made or rotated; each restore is the disk as it was.
+TEST_F(BackupImageTest, ACopiedRepositoryNeverContinuesTheOriginalsBitmap) {
+  MakeImage(16 * kMiB, 4 * kMiB, 22);
+  Backup();
+  const std::string copy = dir_.Sub("copy");
+  ASSERT_EQ(RunCommand({"cp", "-a", repo_, copy}).exit_code, 0);
+  const std::string original = repo_;
+  std::map<std::string, std::string> want;  // repo + snapshot → sha
+  for (int round = 0; round < 4; round++) {
+    repo_ = round % 2 == 0 ? original : copy;
+    QemuIo({"write -P " + std::to_string(0x70 + round) + " " + std::to_string(2 + 3 * round) +
+            "M 64k"});
+    auto s = Backup();
+    ASSERT_FALSE(s.is_null());
+    want[repo_ + " vm1/vda/" + std::to_string(s["seq"].get<uint64_t>())] = ImageSha();
+  }
+  for (const auto& [key, sha] : want) {
+    repo_ = key.substr(0, key.find(' '));
+    EXPECT_EQ(RestoreSha(key.substr(key.find(' ') + 1)), sha) << key;
+  }
+  repo_ = original;
+}
+
+// A snapshot whose bitmap has vmdedup's older name (which two series could
+// share) is never continued: the next backup reads everything once, removes
+// that bitmap, and is incremental again after.
+TEST_F(BackupImageTest, ABitmapOfTheOlderNamingIsNeverContinued) {
+  MakeImage(16 * kMiB, 4 * kMiB, 23);
+  Backup();
+  // Make snapshot 1 name an old-style bitmap, present in the image and
+  // recording, as the vmdedup before this change left them.
+  const std::string old_name = "vmdedup.0123abcd.vm1.vda.1";
+  ASSERT_EQ(RunCommand({"qemu-img", "bitmap", "--add", "-f", "qcow2", image_, old_name}).exit_code,
+            0);
+  {
+    auto repo = Repository::Open(repo_);
+    ASSERT_TRUE(repo.ok());
+    auto vm = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(vm.ok()) << vm.status().ToString();
+    auto snap = (*vm)->GetSnapshot("vda", 1);
+    ASSERT_TRUE(snap.ok());
+    snap->bitmap = old_name;
+    WriteBatch b;
+    b.Put(SnapshotKey("vda", 1), EncodeSnapshot(SnapshotKey("vda", 1), *snap));
+    ASSERT_TRUE((*vm)->meta()->Write(b, true).ok());
+  }
+  QemuIo({"write -P 0x55 3M 64k"});
+  const std::string sha = ImageSha();
+  auto s2 = Backup();
+  ASSERT_FALSE(s2.is_null());
+  EXPECT_NE(last_note_.find("older name"), std::string::npos) << last_note_;
+  EXPECT_EQ(s2["read_bytes"].get<uint64_t>(), 4 * kMiB) << s2.dump();
+  EXPECT_EQ(RestoreSha("vm1/vda/2"), sha);
+  auto info = RunCommand({"qemu-img", "info", "--output=json", image_});
+  EXPECT_EQ(info.out.find(old_name), std::string::npos) << "the old bitmap is still there";
+  QemuIo({"write -P 0x56 7M 64k"});
+  auto s3 = Backup();
+  EXPECT_NE(last_note_.find("incremental"), std::string::npos) << last_note_;
+  EXPECT_EQ(s3["read_bytes"].get<uint64_t>(), 64 * 1024u);
 }
 
 TEST_F(BackupImageTest, InconsistentBitmapAfterCrashedWriterFallsBackToFullRead) {

@@ -3,6 +3,7 @@
 // qemu-img, qemu-io and qemu-nbd. Bitmap contents are checked independently
 // of vmdedup's NBD client, with nbdinfo --map.
 #include "dirty-bitmap/image_bitmaps.h"
+#include "engine/series_bitmaps.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -428,6 +429,28 @@ TEST_F(ImageBitmapsTest, InconsistentBitmapAfterCrash) {
   info = InspectImage(img, "qcow2");
   ASSERT_TRUE(info.ok());
   EXPECT_FALSE(FindBitmap(*info, "b1"));
+}
+
+// Series bitmap names (engine/series_bitmaps.h): two series whose VM and
+// disk names run together get different prefixes, and only a name of the
+// exact form PREFIX SEQ "." 8-hex-digit-nonce is taken as the series'.
+TEST(SeriesBitmapsTest, NamesCannotCollideAndParseStrictly) {
+  const std::string a = SeriesBitmapPrefix("0123456789abcdef", "a.b", "c");
+  const std::string b = SeriesBitmapPrefix("0123456789abcdef", "a", "b.c");
+  EXPECT_NE(a, b);
+  EXPECT_NE(a, SeriesBitmapPrefix("fedcba9876543210", "a.b", "c"));
+  EXPECT_EQ(a, SeriesBitmapPrefix("0123456789abcdef", "a.b", "c"));
+  EXPECT_EQ(a.size(), std::string("vmdedup.").size() + 16 + 1);
+  const std::string n1 = NewSeriesBitmapName(a, 7), n2 = NewSeriesBitmapName(a, 7);
+  EXPECT_NE(n1, n2) << "the nonce tells two backups of the same seq apart";
+  EXPECT_EQ(SeriesBitmapSeq(n1, a), 7u);
+  EXPECT_FALSE(SeriesBitmapSeq(n1, b));
+  for (const std::string& bad :
+       {a, a + "7", a + "7.", a + "7.0123456", a + "7.012345678", a + "7.0123456g",
+        a + "x.01234567", a + ".01234567", a + "7.0123456A", std::string("vmdedup.x.1")})
+    EXPECT_FALSE(SeriesBitmapSeq(bad, a)) << bad;
+  EXPECT_EQ(SeriesBitmapSeq(a + "9999999999999999999.00000000", a), 9999999999999999999ull);
+  EXPECT_FALSE(SeriesBitmapSeq(a + "18446744073709551615.00000000", a)) << "20 digits";
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <thread>
 
 #include "base/fingerprint.h"
@@ -431,11 +432,16 @@ TEST_F(LiveBackupTest, FullThenChainedIncrementalsReadOnlyDirtyExtentsAndRestore
   EXPECT_EQ(d["name"], "vd0");
   EXPECT_EQ(d["bitmap_node"], "fmt-vd0");
   ASSERT_EQ(d["bitmaps"].size(), 1u) << st.dump();
-  EXPECT_TRUE(Contains(d["bitmaps"][0]["name"], ".vm1.vd0.4")) << st.dump();
+  // Named by the series' prefix, the seq of the snapshot it follows and a
+  // nonce; the snapshot names exactly this one.
+  EXPECT_TRUE(std::regex_match(d["bitmaps"][0]["name"].get<std::string>(),
+                               std::regex("vmdedup\\.[0-9a-f]{16}\\.4\\.[0-9a-f]{8}")))
+      << st.dump();
   EXPECT_EQ(d["bitmaps"][0]["dirty_bytes"].get<uint64_t>(), 64 * kKiB);
   EXPECT_TRUE(d["bitmaps"][0]["recording"].get<bool>());
   ASSERT_EQ(d["series"].size(), 1u) << st.dump();
   EXPECT_EQ(d["series"][0]["last_snapshot"], "vm1/vd0/4");
+  EXPECT_EQ(d["series"][0]["last_bitmap"], d["bitmaps"][0]["name"]);
   auto text = Vmdedup({"status", "-r", repo_, "qemu:" + g.Socket()});
   EXPECT_EQ(text.exit_code, 0) << text.err;
   EXPECT_TRUE(Contains(text.out, "dirty 64.0 KiB")) << text.out;
