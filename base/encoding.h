@@ -128,4 +128,31 @@ inline uint64_t DecodeU64(const uint8_t* p) {
   return v;
 }
 
+// 16 lowercase hex digits, as object names and metadata keys carry ids.
+inline std::string Hex16(uint64_t v) {
+  static const char kDigits[] = "0123456789abcdef";
+  std::string s(16, '0');
+  for (int i = 15; i >= 0; i--, v >>= 4) s[static_cast<size_t>(i)] = kDigits[v & 0xf];
+  return s;
+}
+
+// Exactly 16 lowercase hex digits, as Hex16 writes them.
+inline bool ParseHex16(std::string_view s, uint64_t* v) {
+  if (s.size() != 16) return false;
+  uint64_t r = 0;
+  for (char c : s) {
+    uint64_t d;
+    if (c >= '0' && c <= '9') {
+      d = static_cast<uint64_t>(c - '0');
+    } else if (c >= 'a' && c <= 'f') {
+      d = static_cast<uint64_t>(c - 'a' + 10);
+    } else {
+      return false;
+    }
+    r = (r << 4) | d;
+  }
+  *v = r;
+  return true;
+}
+
 }  // namespace vmdedup

@@ -653,7 +653,7 @@ Status CdsBuild::Seal() {
   std::string name = CdsArea::ContainerObjectName(writer_.id());
   std::string_view bytes = writer_.FinishInPlace();
   Status st =
-      repo_.objects()->Put(name, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
+      repo_.objects()->PutNew(name, {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()});
   writer_open_ = false;
   if (!st.ok()) return st.WithContext("store CDS container " + name);
   return Status::OK();

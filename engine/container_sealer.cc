@@ -39,7 +39,8 @@ std::string ContainerSealer::TakeBuffer() {
 void ContainerSealer::Store() {
   Status st;
   if (!object_.empty()) {
-    st = objects_->Put(object_, {reinterpret_cast<const uint8_t*>(bytes_.data()), bytes_.size()});
+    st =
+        objects_->PutNew(object_, {reinterpret_cast<const uint8_t*>(bytes_.data()), bytes_.size()});
     if (!st.ok()) st = st.WithContext("store container " + object_);
   }
   if (st.ok() && !batch_.empty()) {

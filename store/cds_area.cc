@@ -35,31 +35,6 @@ constexpr std::string_view kManifestName = "manifest";
 // Container ids are (version << 20) | n: versions must leave them 64 bits.
 constexpr uint64_t kMaxVersion = (1ull << 44) - 1;
 
-std::string Hex16(uint64_t v) {
-  char b[17];
-  std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(v));
-  return b;
-}
-
-// Exactly 16 lowercase hex digits, as Hex16 writes them.
-bool ParseHex16(std::string_view s, uint64_t* v) {
-  if (s.size() != 16) return false;
-  uint64_t r = 0;
-  for (char c : s) {
-    int d;
-    if (c >= '0' && c <= '9') {
-      d = c - '0';
-    } else if (c >= 'a' && c <= 'f') {
-      d = c - 'a' + 10;
-    } else {
-      return false;
-    }
-    r = (r << 4) | static_cast<uint64_t>(d);
-  }
-  *v = r;
-  return true;
-}
-
 // "cds/versions/V/REST" → V and REST; false for any other name.
 bool ParseVersionObject(std::string_view name, uint64_t* version, std::string_view* rest) {
   if (name.substr(0, kVersionsPrefix.size()) != kVersionsPrefix) return false;

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -116,10 +117,28 @@ class RealFileSystemImpl final : public FileSystem {
     return std::unique_ptr<WritableFile>(new RealWritableFile(fd, path));
   }
 
-  Status Rename(const std::string& from, const std::string& to) override {
-    if (::rename(from.c_str(), to.c_str()) != 0)
-      return WriteError(errno, "rename " + from + " to " + to);
-    return Status::OK();
+  Status Rename(const std::string& from, const std::string& to, RenameMode mode) override {
+    if (mode == RenameMode::kReplace) {
+      if (::rename(from.c_str(), to.c_str()) != 0)
+        return WriteError(errno, "rename " + from + " to " + to);
+      return Status::OK();
+    }
+    if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0)
+      return Status::OK();
+    int err = errno;
+    if (err == EINVAL || err == ENOSYS) {
+      // A file system without RENAME_NOREPLACE: link(2) never replaces
+      // either; the source's name goes after.
+      if (::link(from.c_str(), to.c_str()) == 0) {
+        ::unlink(from.c_str());
+        return Status::OK();
+      }
+      err = errno;
+    }
+    if (err == EEXIST)
+      return Status::Corruption("rename " + from + " to " + to + ": " + to +
+                                " exists already, and is never replaced");
+    return WriteError(err, "rename " + from + " to " + to);
   }
 
   Status Remove(const std::string& path) override {

@@ -49,8 +49,11 @@ class FileSystem {
   // is Busy, so that callers can pick another name.
   virtual Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                                 CreateMode mode) = 0;
-  // rename(2): replaces `to` atomically.
-  virtual Status Rename(const std::string& from, const std::string& to) = 0;
+  enum class RenameMode {
+    kReplace,    // rename(2): replaces `to` atomically
+    kNoReplace,  // `to` must not exist: Corruption when it does (nothing moves)
+  };
+  virtual Status Rename(const std::string& from, const std::string& to, RenameMode mode) = 0;
   // Removes a file; a missing one is OK.
   virtual Status Remove(const std::string& path) = 0;
   // Creates one directory (mode 0755); returns false when it already

@@ -165,6 +165,14 @@ class LocalObjectStore final : public ObjectStore {
   }
 
   Status Put(const std::string& name, std::span<const uint8_t> data) override {
+    return PutObject(name, data, FileSystem::RenameMode::kReplace);
+  }
+  Status PutNew(const std::string& name, std::span<const uint8_t> data) override {
+    return PutObject(name, data, FileSystem::RenameMode::kNoReplace);
+  }
+
+  Status PutObject(const std::string& name, std::span<const uint8_t> data,
+                   FileSystem::RenameMode mode) {
     RETURN_IF_ERROR(ValidateObjectName(name));
     size_t slash = name.rfind('/');
     std::string dir = root_;
@@ -191,7 +199,7 @@ class LocalObjectStore final : public ObjectStore {
     if (st.ok()) st = file->Sync();
     if (st.ok()) st = file->Close();
     file.reset();
-    if (st.ok()) st = fs_->Rename(tmp_path, final_path);
+    if (st.ok()) st = fs_->Rename(tmp_path, final_path, mode);
     if (!st.ok()) {
       (void)fs_->Remove(tmp_path);  // best effort: check reports what remains
       return st;

@@ -1,5 +1,5 @@
-// The ObjectStore defaults: a reader that goes through GetRange, for
-// backends without a cheaper handle.
+// The ObjectStore defaults: a reader that goes through GetRange, and a
+// PutNew that checks first, for backends without a cheaper way.
 #include "store/object_store.h"
 
 namespace vmdedup {
@@ -18,6 +18,14 @@ class RangeObjectReader final : public ObjectReader {
 };
 
 }  // namespace
+
+Status ObjectStore::PutNew(const std::string& name, std::span<const uint8_t> data) {
+  Result<uint64_t> size = Size(name);
+  if (size.ok())
+    return Status::Corruption("object " + name + " exists already, and is never replaced");
+  if (!size.status().IsNotFound()) return size.status();
+  return Put(name, data);
+}
 
 Result<std::unique_ptr<ObjectReader>> ObjectStore::OpenReader(const std::string& name) {
   RETURN_IF_ERROR(Size(name).status());

@@ -38,6 +38,12 @@ class ObjectStore {
   virtual ~ObjectStore() = default;
 
   virtual Status Put(const std::string& name, std::span<const uint8_t> data) = 0;
+  // Like Put, but never replaces: Corruption when `name` exists, and nothing
+  // is written. Containers are put this way: their ids are handed out once,
+  // so a name already taken means the metadata that hands them out was lost
+  // or damaged, and the object there must not be overwritten. The default
+  // checks, then puts; the local store is atomic.
+  virtual Status PutNew(const std::string& name, std::span<const uint8_t> data);
   virtual Status Get(const std::string& name, std::string* out) = 0;
   // Reads exactly `length` bytes at `offset`.
   virtual Status GetRange(const std::string& name, uint64_t offset, uint64_t length,

@@ -76,12 +76,6 @@ Status Finish(const ByteReader& r) {
   return Status::OK();
 }
 
-std::string Hex16(uint64_t v) {
-  char b[17];
-  std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(v));
-  return b;
-}
-
 void PutStats(ByteWriter& w, const LevelStats& s) {
   for (uint64_t v : {s.read_bytes, s.zero, s.segment, s.block, s.cds, s.new_bytes, s.stored,
                      s.new_blocks, s.metadata})
@@ -140,6 +134,15 @@ std::string ContainerKey(uint64_t id) { return std::string(kContainerKeyPrefix) 
 std::string CounterKey(std::string_view name) { return "next/" + std::string(name); }
 std::string ContainerObjectName(std::string_view vm, uint64_t id) {
   return "vms/" + std::string(vm) + "/data/" + Hex16(id) + ".ctr";
+}
+
+bool ParseContainerObjectName(std::string_view vm, std::string_view name, uint64_t* id) {
+  const std::string prefix = "vms/" + std::string(vm) + "/data/";
+  if (name.substr(0, prefix.size()) != prefix) return false;
+  name.remove_prefix(prefix.size());
+  if (name.size() < 20 || name.substr(16, 4) != ".ctr") return false;
+  if (name.size() > 20 && name.substr(20, 5) != ".tmp.") return false;
+  return ParseHex16(name.substr(0, 16), id);
 }
 
 std::string CdsContainerObjectName(uint64_t id) { return "cds/data/" + Hex16(id) + ".ctr"; }

@@ -101,6 +101,9 @@ std::string SegmentRecipeKey(uint64_t id);
 std::string ContainerKey(uint64_t id);
 std::string CounterKey(std::string_view name);  // "next/NAME"
 std::string ContainerObjectName(std::string_view vm, uint64_t id);
+// "vms/VM/data/ID.ctr" (and its temporaries, "...ID.ctr.tmp.*") → ID;
+// false for any other name.
+bool ParseContainerObjectName(std::string_view vm, std::string_view name, uint64_t* id);
 std::string CdsContainerObjectName(uint64_t id);
 // The object holding the record a BlockRef (own or CDS) points at.
 std::string BlockObjectName(std::string_view vm, const BlockRef& ref);

@@ -99,7 +99,7 @@ Status WriteFileDurably(FileSystem& fs, const std::string& path, const std::stri
   if (st.ok()) st = file->Sync();
   if (st.ok()) st = file->Close();
   file.reset();
-  if (st.ok()) st = fs.Rename(tmp, path);
+  if (st.ok()) st = fs.Rename(tmp, path, FileSystem::RenameMode::kReplace);
   if (!st.ok()) {
     (void)fs.Remove(tmp);  // best effort
     return st;
@@ -283,6 +283,25 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
       return Status::FromErrno(err, "lock " + lock_path);
     }
     WriteLockHolder(lock_fd);
+    // A new metadata store is made only for a VM that has nothing stored: a
+    // VM whose containers outlived its metadata (meta/CURRENT or all of
+    // meta/ lost) is damaged, and a fresh store would bury its history.
+    if (!fs::exists(dir + "/meta/CURRENT", ec)) {
+      std::vector<std::string> objects;
+      std::vector<ObjectStore::Temporary> temps;
+      Status listed = objects_->List("vms/" + vm + "/data/", &objects);
+      if (listed.ok()) listed = objects_->ListTemporary("vms/" + vm + "/data/", &temps);
+      if (!listed.ok() || !objects.empty() || !temps.empty()) {
+        ReleaseLockFile(lock_fd);
+        if (!listed.ok()) return listed.WithContext("list the containers of VM '" + vm + "'");
+        return Status::Corruption(
+            "VM '" + vm + "' has " + std::to_string(objects.size() + temps.size()) +
+            " container file(s) but no metadata store (" + dir +
+            "/meta/CURRENT is missing): its snapshots cannot be read, and nothing is written "
+            "to it; run 'vmdedup check -r " +
+            path_ + "' and see docs/operations.md");
+      }
+    }
   }
   auto meta =
       OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite, options_.leveldb_env);
@@ -295,7 +314,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   }
   std::unique_ptr<MetadataStore> store = std::move(meta).value();
   if (options_.wrap_metadata) store = options_.wrap_metadata(std::move(store));
-  std::unique_ptr<VmStore> vs(new VmStore(vm, std::move(store), lock_fd));
+  std::unique_ptr<VmStore> vs(new VmStore(vm, std::move(store), lock_fd, objects_));
   if (access == Access::kWrite) {
     std::string value;
     Status st = vs->meta()->Get(VmInfoKey(), &value);
@@ -334,8 +353,9 @@ Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
   return std::unique_ptr<RepoLock>(new RepoLock(fd));
 }
 
-VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd)
-    : vm_(std::move(vm)), meta_(std::move(meta)), lock_fd_(lock_fd) {}
+VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd,
+                 ObjectStore* objects)
+    : vm_(std::move(vm)), meta_(std::move(meta)), lock_fd_(lock_fd), objects_(objects) {}
 
 VmStore::~VmStore() {
   meta_.reset();  // close the database before releasing the lock
@@ -438,6 +458,22 @@ Result<uint64_t> VmStore::GetCounter(const std::string& name) {
 Result<uint64_t> VmStore::AllocateContainerIds(uint64_t n) {
   if (n == 0) return Status::InvalidArgument("reserve 0 container ids");
   ASSIGN_OR_RETURN(uint64_t id, GetCounter("container"));
+  if (!ids_checked_on_disk_) {
+    const std::string prefix = "vms/" + vm_ + "/data/";
+    std::vector<std::string> names;
+    RETURN_IF_ERROR(objects_->List(prefix, &names));
+    std::vector<ObjectStore::Temporary> temps;
+    RETURN_IF_ERROR(objects_->ListTemporary(prefix, &temps));
+    for (const auto& t : temps) names.push_back(t.name);
+    uint64_t on_disk = 0;
+    for (const std::string& name : names) {
+      uint64_t taken = 0;
+      if (ParseContainerObjectName(vm_, name, &taken) && taken >= id && taken != UINT64_MAX)
+        on_disk = std::max(on_disk, taken + 1);
+    }
+    if (on_disk > id) id = on_disk;
+    ids_checked_on_disk_ = true;
+  }
   WriteBatch b;
   b.Put(CounterKey("container"), EncodeCounter(CounterKey("container"), id + n));
   RETURN_IF_ERROR(meta_->Write(b, true));

@@ -154,14 +154,19 @@ class VmStore {
   Result<uint64_t> AllocateContainerId() { return AllocateContainerIds(1); }
   // Reserves ids [first, first + n) with one synced write and returns first.
   // Ids reserved but never used are simply skipped: ids need not be dense.
+  // The first call also looks at the VM's containers on disk and starts
+  // above every id there, whatever the counter says (a counter that went
+  // back, with lost or restored metadata, must never hand one out again).
   Result<uint64_t> AllocateContainerIds(uint64_t n);
 
  private:
   friend class Repository;
-  VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd);
+  VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd, ObjectStore* objects);
   std::string vm_;
   std::unique_ptr<MetadataStore> meta_;
   int lock_fd_ = -1;
+  ObjectStore* objects_;
+  bool ids_checked_on_disk_ = false;
 };
 
 // Parses "VM/DISK/SEQ" or "VM/DISK/latest".

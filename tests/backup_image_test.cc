@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -581,6 +582,67 @@ TEST_F(BackupImageTest, DamagedSnapshotRecordKeepsItsDataOutOfTheReclaimable) {
   EXPECT_EQ(j["containers"].get<uint64_t>(), 2u) << r.out;
   // The readable snapshot still restores.
   EXPECT_EQ(RestoreSha("vm1/vda/2"), ImageSha());
+}
+
+// Lost metadata is never recreated as new: with meta/CURRENT gone (or all
+// of meta/), a backup refuses the VM, pointing to check, and touches none
+// of its containers; check reports the VM as damaged.
+TEST_F(BackupImageTest, LostMetadataIsNeverRecreatedOverTheContainers) {
+  MakeImage(8 * kMiB, 2 * kMiB, 24);
+  Backup();
+  QemuIo({"write -P 0x21 1M 64k"});
+  Backup();
+  auto containers = [&] {
+    std::map<std::string, std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(repo_ + "/vms/vm1/data"))
+      out[e.path().filename().string()] = FileSha256(e.path().string());
+    return out;
+  };
+  const auto before = containers();
+  ASSERT_FALSE(before.empty());
+  for (const std::string& lose : {std::string("meta/CURRENT"), std::string("meta")}) {
+    SCOPED_TRACE("lost " + lose);
+    std::filesystem::remove_all(repo_ + "/vms/vm1/" + lose);
+    auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "qcow2:" + image_});
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find("no metadata store"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("vmdedup check"), std::string::npos) << r.err;
+    EXPECT_EQ(containers(), before);
+    EXPECT_FALSE(std::filesystem::exists(repo_ + "/vms/vm1/meta/CURRENT"));
+    auto c = Vmdedup({"check", "-r", repo_, "--json"});
+    EXPECT_NE(c.exit_code, 0) << c.out;
+    EXPECT_NE(c.out.find("no metadata store"), std::string::npos) << c.out;
+  }
+}
+
+// Container ids are never handed out twice, even when the counter that
+// hands them out went back (metadata restored from an older copy): the
+// next backup starts above every id on disk and overwrites nothing.
+TEST_F(BackupImageTest, ACounterThatWentBackNeverReusesAContainerId) {
+  MakeImage(8 * kMiB, 2 * kMiB, 25);
+  Backup();
+  const std::string sha1 = ImageSha();
+  {
+    auto repo = Repository::Open(repo_);
+    ASSERT_TRUE(repo.ok());
+    auto vm = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(vm.ok());
+    WriteBatch b;
+    b.Delete(CounterKey("container"));  // reads as 1 again
+    ASSERT_TRUE((*vm)->meta()->Write(b, true).ok());
+  }
+  std::map<std::string, std::string> before;
+  for (const auto& e : std::filesystem::directory_iterator(repo_ + "/vms/vm1/data"))
+    before[e.path().filename().string()] = FileSha256(e.path().string());
+  QemuIo({"write -P 0x31 1M 1M"});
+  auto s2 = Backup();
+  ASSERT_FALSE(s2.is_null());
+  EXPECT_GT(s2["new"].get<uint64_t>(), 0u);
+  for (const auto& [name, sha] : before)
+    EXPECT_EQ(FileSha256(repo_ + "/vms/vm1/data/" + name), sha) << name << " was overwritten";
+  EXPECT_EQ(RestoreSha("vm1/vda/1"), sha1);
+  EXPECT_EQ(RestoreSha("vm1/vda/2"), ImageSha());
+  ExpectCheckClean();
 }
 
 TEST_F(BackupImageTest, CorruptedMetadataIsCorruptionNotACrash) {

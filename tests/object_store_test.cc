@@ -164,6 +164,49 @@ TEST(LocalObjectStoreTest, PutReplacesAtomically) {
   EXPECT_EQ(bad.load(), 0);
 }
 
+// PutNew never replaces: a container name already taken (ids handed out
+// twice after lost metadata) leaves the object there as it was, and no
+// temporary behind. Both ways: the local store's own (atomic), and the
+// default of the interface (check, then Put).
+TEST(LocalObjectStoreTest, PutNewNeverReplaces) {
+  ScratchDir dir;
+  auto store = NewLocalObjectStore(dir.path());
+  const std::string v1 = RandomBytes(3 << 20, 6), v2 = RandomBytes(100, 7);
+  ASSERT_TRUE(store->PutNew("vms/a/data/0000000000000001.ctr", Bytes(v1)).ok());
+  Status st = store->PutNew("vms/a/data/0000000000000001.ctr", Bytes(v2));
+  EXPECT_TRUE(st.IsCorruption()) << st.ToString();
+  EXPECT_NE(st.message().find("never replaced"), std::string::npos) << st.ToString();
+  std::string got;
+  ASSERT_TRUE(store->Get("vms/a/data/0000000000000001.ctr", &got).ok());
+  EXPECT_EQ(got, v1);
+  std::vector<ObjectStore::Temporary> temps;
+  ASSERT_TRUE(store->ListTemporary("", &temps).ok());
+  EXPECT_TRUE(temps.empty());
+
+  // The interface's default, through a store that only forwards.
+  struct Forwarding : ObjectStore {
+    ObjectStore* base;
+    explicit Forwarding(ObjectStore* b) : base(b) {}
+    Status Put(const std::string& n, std::span<const uint8_t> d) override {
+      return base->Put(n, d);
+    }
+    Status Get(const std::string& n, std::string* o) override { return base->Get(n, o); }
+    Status GetRange(const std::string& n, uint64_t off, uint64_t len, std::string* o) override {
+      return base->GetRange(n, off, len, o);
+    }
+    Result<uint64_t> Size(const std::string& n) override { return base->Size(n); }
+    Status Delete(const std::string& n) override { return base->Delete(n); }
+    Status List(const std::string& p, std::vector<std::string>* o) override {
+      return base->List(p, o);
+    }
+    std::string Describe() const override { return base->Describe(); }
+  } forwarding(store.get());
+  EXPECT_TRUE(forwarding.PutNew("vms/a/data/0000000000000001.ctr", Bytes(v2)).IsCorruption());
+  EXPECT_TRUE(forwarding.PutNew("vms/a/data/0000000000000002.ctr", Bytes(v2)).ok());
+  ASSERT_TRUE(store->Get("vms/a/data/0000000000000001.ctr", &got).ok());
+  EXPECT_EQ(got, v1);
+}
+
 TEST(LocalObjectStoreTest, ConcurrentPutsOfDistinctObjects) {
   ScratchDir dir;
   auto store = NewLocalObjectStore(dir.path());

@@ -134,13 +134,14 @@ class PowerCutFileSystem final : public FileSystem {
     return std::unique_ptr<WritableFile>(new File(pc_, std::move(file), path, inode));
   }
 
-  Status Rename(const std::string& f, const std::string& t) override {
+  Status Rename(const std::string& f, const std::string& t, RenameMode mode) override {
     const std::string from = Normal(f), to = Normal(t);
     return pc_->Operate(
         from,
         [&]() -> Status {
+          if (mode == RenameMode::kNoReplace) return real_->Rename(from, to, mode);
           if (pc_->live_.count(to)) RETURN_IF_ERROR(pc_->DisplaceLocked(to));
-          return real_->Rename(from, to);
+          return real_->Rename(from, to, mode);
         },
         [&] { pc_->RenameLocked(from, to); });
   }
