@@ -93,6 +93,7 @@ int CheckCommand(int argc, char** argv) {
                         {"blocks_verified", r.blocks_verified},
                         {"bytes_verified", r.bytes_verified},
                         {"reclaimable_bytes", r.reclaimable_bytes},
+                        {"quarantined", r.quarantined},
                         {"damaged_snapshots", r.DamagedSnapshots()},
                         {"findings", nlohmann::json::array()}};
     for (const auto& f : r.findings)
@@ -128,6 +129,11 @@ int CheckCommand(int argc, char** argv) {
     std::printf("\n");
     if (r.reclaimable_bytes)
       std::printf("reclaimable: %s\n", HumanSize(r.reclaimable_bytes).c_str());
+    if (r.quarantined)
+      std::printf(
+          "quarantined %llu damaged container(s): backups take nothing from them and "
+          "store their blocks afresh (docs/operations.md, \"Damage\")\n",
+          static_cast<unsigned long long>(r.quarantined));
     auto damaged = r.DamagedSnapshots();
     std::printf("%s\n", r.ok() ? "no damage found" : "DAMAGE FOUND");
     if (!damaged.empty()) {

@@ -8,14 +8,17 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <unordered_map>
 #include <unordered_set>
 
+#include "base/encoding.h"
 #include "base/fingerprint.h"
 #include "engine/block_scan.h"
 #include "engine/chunker.h"
 #include "engine/container_sealer.h"
 #include "engine/thread_pool.h"
+#include "store/cds_area.h"
 #include "store/compression.h"
 #include "store/container.h"
 
@@ -272,6 +275,7 @@ class BackupRun {
 
  private:
   Status Prepare();
+  Status FindUnusableReferences();
   Status PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc,
                      const std::vector<Extent>* dirty);
   void Dispatch(SegmentJob* job);
@@ -294,6 +298,12 @@ class BackupRun {
   SnapshotRecord snap_;
   std::vector<uint64_t> parent_segments_;
   bool parent_compatible_ = false;  // same size and geometry: levels 1 and kept blocks
+  // Containers the snapshot must not reference: the VM's (quarantined, or
+  // missing or of the wrong size) and the CDS's (quarantined or missing);
+  // and the parent's segments that reference one, which are read again.
+  std::set<uint64_t> unusable_own_, unusable_cds_;
+  std::set<uint64_t> reread_segments_;
+  bool cds_unusable_all_ = false;  // the CDS area cannot be read: no CDS block is used
   std::vector<uint64_t> segments_;
 
   ContainerWriter writer_;
@@ -356,8 +366,74 @@ Status BackupRun::Prepare() {
     if (!same_geometry) parent_segments_.clear();  // nothing comparable
     parent_compatible_ = same_geometry && p.size == size;
   }
+  RETURN_IF_ERROR(FindUnusableReferences());
   segments_.assign(snap_.segment_count, 0);
   progress_.total_bytes = size;
+  return Status::OK();
+}
+
+// A new snapshot never references a record that is missing or known
+// damaged (docs/format.md, "Quarantine"). Looks at every catalogued
+// container's size and lists the CDS containers once; only when something
+// is unusable does it read the parent's recipes, to find the segments
+// that use it.
+Status BackupRun::FindUnusableReferences() {
+  ASSIGN_OR_RETURN(unusable_own_, vm_.UnusableContainers());
+  // The CDS containers: every published version's (manifests), and those of
+  // them missing or quarantined. A damaged CDS never fails a backup: when
+  // the pointer, a manifest or the quarantine cannot be read, no CDS
+  // container is known good, so none is used (the parent's CDS references
+  // are read again; level 3 finds nothing).
+  CdsArea area(repo_.objects());
+  std::vector<uint64_t> cds_containers;
+  auto pointer = area.ReadPointer();
+  bool cds_unknown = !pointer.ok();
+  for (uint64_t v : pointer.ok() ? pointer->published : std::vector<uint64_t>{}) {
+    auto info = area.ReadManifest(v);
+    if (!info.ok()) {
+      cds_unknown = true;
+      break;
+    }
+    cds_containers.insert(cds_containers.end(), info->containers.begin(), info->containers.end());
+  }
+  if (!cds_unknown && !cds_containers.empty()) {
+    auto unusable = area.UnusableContainers(cds_containers);
+    cds_unknown = !unusable.ok();
+    if (unusable.ok()) unusable_cds_ = std::move(unusable).value();
+  }
+  cds_unusable_all_ = cds_unknown;
+  if (unusable_own_.empty() && unusable_cds_.empty() && !cds_unknown) return Status::OK();
+  for (uint64_t i = 0; i < parent_segments_.size(); i++) {
+    if (parent_segments_[i] == 0) continue;
+    ASSIGN_OR_RETURN(SegmentRecipe recipe, vm_.GetSegmentRecipe(parent_segments_[i]));
+    for (const BlockRef& b : recipe.blocks) {
+      if ((b.kind == BlockKind::kOwn && unusable_own_.count(b.container)) ||
+          (b.kind == BlockKind::kCds && (cds_unknown || unusable_cds_.count(b.container)))) {
+        reread_segments_.insert(i);
+        break;
+      }
+    }
+  }
+  auto ids = [](const std::set<uint64_t>& s) {
+    std::string out;
+    for (uint64_t id : s) out += (out.empty() ? "" : ", ") + Hex16(id);
+    return out;
+  };
+  if (!req_.note) return Status::OK();
+  if (cds_unknown)
+    req_.note(
+        "warning: the common data set cannot be read whole: this backup takes no block "
+        "from it; run 'vmdedup check'");
+  else if (!unusable_cds_.empty())
+    req_.note("warning: CDS container(s) " + ids(unusable_cds_) +
+              " are missing or quarantined: this backup takes no block from them (rebuild the "
+              "CDS with 'vmdedup cds build'; docs/operations.md, \"Damage\")");
+  if (!reread_segments_.empty())
+    req_.note("warning: " + std::to_string(reread_segments_.size()) + " segment(s) of " +
+              req_.parent->Id() + " use containers that are missing, damaged or quarantined (" +
+              (unusable_own_.empty() ? std::string("CDS only") : "VM: " + ids(unusable_own_)) +
+              "): they are read again and their blocks stored afresh; run 'vmdedup check' "
+              "(docs/operations.md, \"Damage\")");
   return Status::OK();
 }
 
@@ -365,9 +441,13 @@ Status BackupRun::PlanSegment(SegmentJob& job, const std::vector<Extent>& alloc_
                               const std::vector<Extent>* dirty_all) {
   const uint64_t seg_begin = job.offset, seg_end = job.offset + job.length;
   std::vector<Extent> alloc = Slice(alloc_all, seg_begin, seg_end);
-  const bool have_parent_seg = job.index < parent_segments_.size();
+  // A segment whose parent recipe uses an unusable container is read again
+  // whole, and nothing of that recipe is kept or referenced.
+  const bool reread = reread_segments_.count(job.index) > 0;
+  const bool have_parent_seg = job.index < parent_segments_.size() && !reread;
   const uint64_t parent_id = have_parent_seg ? parent_segments_[job.index] : 0;
-  const bool incremental = req_.use_dirty_map && parent_compatible_ && dirty_all != nullptr;
+  const bool incremental =
+      req_.use_dirty_map && parent_compatible_ && dirty_all != nullptr && !reread;
 
   std::vector<Extent> dirty;
   if (incremental) {
@@ -514,7 +594,8 @@ Status BackupRun::Process(SegmentJob& job) {
           it != parent_blocks.end() && it->second->length == len) {
         p.ref = *it->second;
         p.level = Level::kBlock;
-      } else if (auto hit = cds_->Lookup(fp); hit && hit->length == len) {
+      } else if (auto hit = cds_->Lookup(fp); hit && hit->length == len && !cds_unusable_all_ &&
+                                              !unusable_cds_.count(hit->container)) {
         p.ref = *hit;
         p.level = Level::kCds;
       } else {

@@ -57,6 +57,8 @@ struct BackupRequest {
   const CommonBlockIndex* cds = nullptr;      // null: level 3 finds nothing
   const std::atomic<bool>* cancel = nullptr;  // checked between segments
   std::function<void(const BackupProgress&)> progress;
+  // One-line notes for the user (containers found unusable).
+  std::function<void(const std::string&)> note;
   int64_t time = 0;  // the consistent instant; 0 = now
   // Null: RunBackup commits the snapshot itself. Otherwise the final batch
   // (snapshot record, segment list, series counter) is appended here and not

@@ -149,6 +149,7 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
   req.cds = o.cds;
   req.cancel = o.cancel;
   req.progress = o.progress;
+  req.note = o.note;
 
   std::unique_ptr<BlockSource> source;
   std::optional<ImageBitmapPlan> plan;

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <thread>
 #include <tuple>
@@ -235,7 +236,8 @@ struct Chosen {
   uint64_t container = 0;
   uint32_t offset = 0;
   uint32_t record_len = 0;
-  uint32_t index = 0;  // in a frame record
+  uint32_t index = 0;        // in a frame record
+  bool in_unusable = false;  // seen in a missing or quarantined container
 };
 
 struct CountedVm {
@@ -597,6 +599,18 @@ Status CdsBuild::Locate() {
                                [](const Chosen& c, const Fingerprint& f) { return c.fp < f; });
     return it != chosen_.end() && it->fp == fp ? &*it : nullptr;
   };
+  // Records are never copied from, nor left in, a container that is missing
+  // or quarantined (docs/format.md, "Quarantine").
+  std::set<uint64_t> unusable_cds;
+  {
+    std::vector<uint64_t> containers;
+    for (uint64_t v : pointer_.published) {
+      auto info = area_.ReadManifest(v);
+      if (info.ok())
+        containers.insert(containers.end(), info->containers.begin(), info->containers.end());
+    }
+    ASSIGN_OR_RETURN(unusable_cds, area_.UnusableContainers(containers));
+  }
   // The version in force first: its blocks stay where they are.
   if (pointer_.current != 0) {
     ASSIGN_OR_RETURN(CdsVersionInfo info, area_.ReadManifest(pointer_.current));
@@ -606,6 +620,10 @@ Status CdsBuild::Locate() {
       for (const CdsEntry& e : entries) {
         Chosen* c = find(e.fingerprint);
         if (!c || c->length != e.length) continue;
+        if (unusable_cds.count(e.container)) {
+          c->in_unusable = true;
+          continue;
+        }
         c->src = Chosen::Src::kCds;
         c->container = e.container;
         c->offset = e.offset;
@@ -619,12 +637,17 @@ Status CdsBuild::Locate() {
   uint64_t done = 0;
   for (uint32_t i = 0; i < vms_.size(); i++) {
     ASSIGN_OR_RETURN(std::unique_ptr<VmStore> vm, OpenCounted(vms_[i].name));
+    ASSIGN_OR_RETURN(std::set<uint64_t> unusable_own, vm->UnusableContainers());
     for (uint64_t id : vms_[i].recipes) {
       ASSIGN_OR_RETURN(SegmentRecipe recipe, vm->GetSegmentRecipe(id));
       for (const BlockRef& b : recipe.blocks) {
         if (b.kind == BlockKind::kZero) continue;
         Chosen* c = find(b.fingerprint);
         if (!c || c->src == Chosen::Src::kCds || c->length != b.length) continue;
+        if ((b.kind == BlockKind::kCds ? unusable_cds : unusable_own).count(b.container)) {
+          c->in_unusable = true;
+          continue;
+        }
         if (b.kind == BlockKind::kCds) {
           c->src = Chosen::Src::kCds;
         } else if (c->src == Chosen::Src::kNone) {
@@ -642,9 +665,20 @@ Status CdsBuild::Locate() {
     Progress(++done, vms_.size(), "locate");
   }
   for (const Chosen& c : chosen_)
-    if (c.src == Chosen::Src::kNone && !c.seed)
+    if (c.src == Chosen::Src::kNone && !c.seed && !c.in_unusable)
       return Status::Corruption("block " + c.fp.Hex() +
                                 " was counted but no recipe holds it any more");
+  // A chosen block that only unusable containers hold (and no seed) cannot
+  // be copied: it is left out of the version.
+  const size_t before = chosen_.size();
+  chosen_.erase(
+      std::remove_if(chosen_.begin(), chosen_.end(),
+                     [](const Chosen& c) { return c.src == Chosen::Src::kNone && !c.seed; }),
+      chosen_.end());
+  if (chosen_.size() != before)
+    Note(std::to_string(before - chosen_.size()) +
+         " chosen block(s) are held only in missing, damaged or quarantined containers: left out "
+         "of the new version (run 'vmdedup check')");
   return Status::OK();
 }
 

@@ -309,6 +309,10 @@ Status LiveBackup::BackUpDisk(DiskPlan& p, const std::string& uri, int64_t insta
     const std::string name = p.disk.name;
     req.progress = [this, name](const BackupProgress& pr) { o_.progress(name, pr); };
   }
+  {
+    const std::string name = o_.vm + "/" + p.disk.name;
+    req.note = [this, name](const std::string& line) { Note(name + ": " + line); };
+  }
   req.time = instant;
   req.commit_into = &commit_;  // committed with the other disks' in Run
   ASSIGN_OR_RETURN(SnapshotRecord snap, RunBackup(repo_, *vm_, req));

@@ -23,6 +23,7 @@ namespace vmdedup {
 namespace {
 
 constexpr char kPointerMagic[8] = {'V', 'M', 'D', 'D', 'C', 'D', 'S', 'P'};
+constexpr char kQuarantineMagic[8] = {'V', 'M', 'D', 'D', 'Q', 'U', 'A', 'R'};
 constexpr char kManifestMagic[8] = {'V', 'M', 'D', 'D', 'C', 'D', 'S', 'M'};
 constexpr char kIndexMagic[8] = {'V', 'M', 'D', 'D', 'C', 'D', 'S', 'I'};
 constexpr size_t kFrameOverhead = 16;  // magic, length, crc
@@ -519,6 +520,64 @@ Status CdsArea::Publish(uint64_t version) {
   std::string data = EncodePointer(pointer);
   return objects_->Put(kPointerObject,
                        {reinterpret_cast<const uint8_t*>(data.data()), data.size()});
+}
+
+Result<std::set<uint64_t>> CdsArea::ReadQuarantine() {
+  const std::string what = std::string("CDS quarantine ") + kQuarantineObject;
+  std::string data;
+  Status st = objects_->Get(kQuarantineObject, &data);
+  if (st.IsNotFound()) return std::set<uint64_t>{};
+  RETURN_IF_ERROR(st);
+  std::string_view body;
+  RETURN_IF_ERROR(Unframe(data, kQuarantineMagic, what, &body));
+  ByteReader in(body, what);
+  uint64_t n = 0;
+  RETURN_IF_ERROR(in.Varint(&n));
+  if (n > in.remaining()) return Status::Corruption(what + ": count exceeds the record size");
+  std::set<uint64_t> ids;
+  uint64_t last = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t id = 0;
+    RETURN_IF_ERROR(in.Varint(&id));
+    if (i > 0 && id <= last) return Status::Corruption(what + ": ids are not ascending");
+    ids.insert(id);
+    last = id;
+  }
+  if (in.remaining() != 0)
+    return Status::Corruption(what + ": " + std::to_string(in.remaining()) + " trailing bytes");
+  return ids;
+}
+
+Status CdsArea::AddToQuarantine(const std::set<uint64_t>& ids) {
+  // A damaged quarantine is replaced: what it held cannot be read anyway,
+  // and check reports the damage.
+  auto read = ReadQuarantine();
+  if (!read.ok() && !read.status().IsCorruption()) return read.status();
+  std::set<uint64_t> all = read.ok() ? std::move(read).value() : std::set<uint64_t>{};
+  const size_t before = all.size();
+  all.insert(ids.begin(), ids.end());
+  if (read.ok() && all.size() == before) return Status::OK();
+  ByteWriter body;
+  body.Varint(all.size());
+  for (uint64_t id : all) body.Varint(id);
+  std::string data = Frame(kQuarantineMagic, body.buffer());
+  return objects_->Put(kQuarantineObject,
+                       {reinterpret_cast<const uint8_t*>(data.data()), data.size()});
+}
+
+Result<std::set<uint64_t>> CdsArea::UnusableContainers(const std::vector<uint64_t>& containers) {
+  ASSIGN_OR_RETURN(std::set<uint64_t> quarantined, ReadQuarantine());
+  std::vector<std::string> listed;
+  RETURN_IF_ERROR(objects_->List(std::string(kDataPrefix), &listed));
+  std::set<uint64_t> present;
+  for (const std::string& name : listed) {
+    uint64_t id = 0;
+    if (ParseContainerObject(name, &id)) present.insert(id);
+  }
+  std::set<uint64_t> out;
+  for (uint64_t id : containers)
+    if (quarantined.count(id) || !present.count(id)) out.insert(id);
+  return out;
 }
 
 Status CdsArea::ListLeftovers(std::vector<std::string>* names) {

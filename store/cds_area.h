@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -82,6 +83,15 @@ class CdsArea {
   // The pointer; a repository without one has no CDS (current 0, nothing
   // published). Corruption when the object is damaged.
   Result<CdsPointer> ReadPointer();
+  // The CDS containers `check` found damaged (docs/format.md, "Quarantine");
+  // none without the object. Corruption when the object is damaged.
+  static constexpr const char* kQuarantineObject = "cds/quarantine";
+  Result<std::set<uint64_t>> ReadQuarantine();
+  // Adds `ids` to the quarantine: one Put replacing the object.
+  Status AddToQuarantine(const std::set<uint64_t>& ids);
+  // Of `containers`, those a backup must take nothing from: quarantined or
+  // missing (one listing of cds/data/).
+  Result<std::set<uint64_t>> UnusableContainers(const std::vector<uint64_t>& containers);
   Result<CdsVersionInfo> ReadManifest(uint64_t version);
   // One index part's entries in order; Corruption names the object.
   Status ReadIndexPart(uint64_t version, uint32_t part, std::vector<CdsEntry>* out);

@@ -7,6 +7,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "base/encoding.h"
 #include "base/fingerprint.h"
 #include "store/cds_area.h"
 #include "store/container.h"
@@ -64,6 +65,8 @@ struct CdsState {
   std::map<uint64_t, uint64_t> container_sizes;     // present containers
   std::map<uint64_t, std::set<Ref>> valid_records;  // read_data only
   std::set<uint64_t> damaged_containers;
+  // Of those, the ones found damaged (not an I/O error): quarantined.
+  std::set<uint64_t> to_quarantine;
 };
 
 void AddFinding(CheckReport& report, CheckFinding::Kind kind, std::string msg, uint64_t bytes = 0) {
@@ -109,6 +112,7 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
       AddFinding(report, CheckFinding::Kind::kError,
                  "CDS container " + object + ": " + size.status().ToString());
       state->damaged_containers.insert(cid);
+      if (size.status().IsNotFound()) state->to_quarantine.insert(cid);
       continue;
     }
     report.cds_containers++;
@@ -118,6 +122,7 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
         AddFinding(report, CheckFinding::Kind::kError,
                    "CDS version " + std::to_string(v) + " refers past the end of " + object);
         state->damaged_containers.insert(cid);
+        state->to_quarantine.insert(cid);
         break;
       }
     }
@@ -128,6 +133,7 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
     if (!st.ok()) {
       AddFinding(report, CheckFinding::Kind::kError, st.ToString());
       state->damaged_containers.insert(cid);
+      if (st.IsCorruption() || st.IsNotFound()) state->to_quarantine.insert(cid);
       continue;
     }
     for (const auto& [v, e] : entries) {
@@ -137,8 +143,27 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
                        "fingerprint " + e.fingerprint.Hex() + " at offset " +
                        std::to_string(e.offset));
         state->damaged_containers.insert(cid);
+        state->to_quarantine.insert(cid);
         break;
       }
+    }
+  }
+  auto before = area.ReadQuarantine();
+  if (!before.ok())
+    AddFinding(report, CheckFinding::Kind::kError,
+               before.status().ToString() +
+                   " (backups take no CDS block while it is damaged; a check that finds a "
+                   "damaged CDS container writes it anew)");
+  if (!state->to_quarantine.empty()) {
+    Status st = area.AddToQuarantine(state->to_quarantine);
+    if (st.ok()) {
+      for (uint64_t cid : state->to_quarantine)
+        report.quarantined += before.ok() && before->count(cid) ? 0 : 1;
+    } else {
+      AddFinding(report, CheckFinding::Kind::kSkipped,
+                 "could not quarantine the damaged CDS containers (backups may still take blocks "
+                 "from them): " +
+                     st.ToString());
     }
   }
   std::vector<std::string> leftovers;
@@ -178,6 +203,21 @@ class VmCheck {
   void MetadataError(std::string msg, std::vector<std::string> snaps = {}) {
     Error(std::move(msg), std::move(snaps));
     liveness_unknown_ = true;
+  }
+  // A container of the VM found damaged: later backups take nothing from it.
+  void Quarantine(uint64_t cid, const std::string& reason) {
+    auto added = vm_.QuarantineContainer(cid, reason);
+    if (added.ok()) {
+      report_.quarantined += *added ? 1 : 0;
+      return;
+    }
+    report_.findings.push_back(
+        {CheckFinding::Kind::kSkipped,
+         vm_.vm(),
+         "could not quarantine container " + Hex16(cid) +
+             " (backups may still take records from it): " + added.status().ToString(),
+         {},
+         0});
   }
   void Reclaimable(std::string msg, uint64_t bytes) {
     if (liveness_unknown_) {
@@ -363,17 +403,20 @@ Status VmCheck::Run() {
     bool referenced = refs.count(cid) > 0;
     auto size = repo_.objects()->Size(rec.object);
     if (!size.ok()) {
-      if (referenced)
+      if (referenced) {
         Error("container " + rec.object + ": " + size.status().ToString(),
               SnapshotsUsingContainer(cid));
-      else
+        if (size.status().IsNotFound()) Quarantine(cid, size.status().ToString());
+      } else {
         Reclaimable("catalogued container " + rec.object + " is missing and unreferenced", 0);
+      }
       continue;
     }
     if (*size != rec.size) {
-      Error("container " + rec.object + " has " + std::to_string(*size) +
-                " bytes, the catalog says " + std::to_string(rec.size),
-            referenced ? SnapshotsUsingContainer(cid) : std::vector<std::string>{});
+      const std::string why = "container " + rec.object + " has " + std::to_string(*size) +
+                              " bytes, the catalog says " + std::to_string(rec.size);
+      Error(why, referenced ? SnapshotsUsingContainer(cid) : std::vector<std::string>{});
+      Quarantine(cid, why);
       continue;
     }
     if (!referenced) {
@@ -387,13 +430,16 @@ Status VmCheck::Run() {
     Status st = VerifyContainerRecords(repo_, rec.object, cid, report_, &valid);
     if (!st.ok()) {
       Error(st.ToString(), SnapshotsUsingContainer(cid));
+      // Damage only: an I/O error may pass, and a quarantine is for good.
+      if (st.IsCorruption() || st.IsNotFound()) Quarantine(cid, st.ToString());
       continue;
     }
     for (const Ref& r : refs[cid]) {
       if (!valid.count(r)) {
-        Error(rec.object + ": no record with fingerprint " + r.fp.Hex() + " at offset " +
-                  std::to_string(r.offset),
-              SnapshotsUsingContainer(cid));
+        const std::string why = rec.object + ": no record with fingerprint " + r.fp.Hex() +
+                                " at offset " + std::to_string(r.offset);
+        Error(why, SnapshotsUsingContainer(cid));
+        Quarantine(cid, why);
         break;
       }
     }

@@ -47,6 +47,9 @@ struct CheckReport {
   uint64_t blocks_verified = 0, bytes_verified = 0;
   uint64_t reclaimable_bytes = 0;
   uint64_t cds_versions = 0, cds_containers = 0;  // published versions, their containers
+  // Damaged containers quarantined by this check (docs/format.md,
+  // "Quarantine"): later backups store their blocks afresh.
+  uint64_t quarantined = 0;
   bool ok() const;
   std::vector<std::string> DamagedSnapshots() const;
 };

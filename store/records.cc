@@ -18,6 +18,7 @@ enum RecordType : uint8_t {
   kSegmentRecipe = 4,
   kContainer = 5,
   kCounter = 6,
+  kQuarantine = 7,
 };
 // The record version each type is written with; a reader accepts 1 up to it.
 // Snapshots: 2 appends the CDS version, 3 the source format (written only
@@ -357,6 +358,34 @@ Status DecodeCounter(std::string_view key, std::string_view value, uint64_t* v) 
   ByteReader in(body, "counter '" + std::string(key) + "'");
   RETURN_IF_ERROR(in.Varint(v));
   return Finish(in);
+}
+
+std::string QuarantineKey(uint64_t container_id) {
+  return std::string(kQuarantineKeyPrefix) + Hex16(container_id);
+}
+
+std::string EncodeQuarantine(std::string_view key, const QuarantineRecord& r) {
+  ByteWriter w = Begin(kQuarantine);
+  w.Varint(r.container);
+  w.U64(static_cast<uint64_t>(r.time));
+  w.String(r.reason);
+  return Seal(key, w);
+}
+
+Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* r) {
+  std::string_view body;
+  RETURN_IF_ERROR(Open(key, value, kQuarantine, &body));
+  ByteReader in(body, "quarantine record '" + std::string(key) + "'");
+  uint64_t t = 0;
+  RETURN_IF_ERROR(in.Varint(&r->container));
+  RETURN_IF_ERROR(in.U64(&t));
+  RETURN_IF_ERROR(in.String(&r->reason));
+  r->time = static_cast<int64_t>(t);
+  RETURN_IF_ERROR(Finish(in));
+  if (key != QuarantineKey(r->container))
+    return Status::Corruption("quarantine record '" + std::string(key) + "' names container " +
+                              Hex16(r->container));
+  return Status::OK();
 }
 
 std::string EncodeVmInfo(std::string_view key, std::string_view vm, int64_t created) {

@@ -110,6 +110,15 @@ std::string BlockObjectName(std::string_view vm, const BlockRef& ref);
 constexpr std::string_view kSnapshotKeyPrefix = "snap/";
 constexpr std::string_view kSegmentKeyPrefix = "seg/";
 constexpr std::string_view kContainerKeyPrefix = "ctr/";
+constexpr std::string_view kQuarantineKeyPrefix = "quarantine/";
+std::string QuarantineKey(uint64_t container_id);
+
+// A container `check` found damaged: backups take nothing from it.
+struct QuarantineRecord {
+  uint64_t container = 0;
+  int64_t time = 0;  // unix seconds
+  std::string reason;
+};
 
 // Encoders return the full value (envelope included) for `key`.
 std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r);
@@ -122,6 +131,8 @@ std::string EncodeContainerRecord(std::string_view key, const ContainerRecord& r
 Status DecodeContainerRecord(std::string_view key, std::string_view value, ContainerRecord* r);
 std::string EncodeCounter(std::string_view key, uint64_t v);
 Status DecodeCounter(std::string_view key, std::string_view value, uint64_t* v);
+std::string EncodeQuarantine(std::string_view key, const QuarantineRecord& r);
+Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* r);
 std::string EncodeVmInfo(std::string_view key, std::string_view vm, int64_t created);
 Status DecodeVmInfo(std::string_view key, std::string_view value, std::string* vm,
                     int64_t* created);

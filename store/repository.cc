@@ -444,6 +444,64 @@ Result<ContainerRecord> VmStore::GetContainer(uint64_t id) {
   return r;
 }
 
+Result<std::vector<ContainerRecord>> VmStore::ListContainers() {
+  std::vector<ContainerRecord> out;
+  Status inner;
+  RETURN_IF_ERROR(meta_->Scan(kContainerKeyPrefix, [&](std::string_view key, std::string_view v) {
+    ContainerRecord r;
+    inner = DecodeContainerRecord(key, v, &r);
+    if (!inner.ok()) return false;
+    out.push_back(std::move(r));
+    return true;
+  }));
+  RETURN_IF_ERROR(inner);
+  return out;
+}
+
+Result<std::set<uint64_t>> VmStore::QuarantinedContainers() {
+  std::set<uint64_t> out;
+  Status inner;
+  RETURN_IF_ERROR(meta_->Scan(kQuarantineKeyPrefix, [&](std::string_view key, std::string_view v) {
+    QuarantineRecord r;
+    inner = DecodeQuarantine(key, v, &r);
+    if (!inner.ok()) return false;
+    out.insert(r.container);
+    return true;
+  }));
+  RETURN_IF_ERROR(inner);
+  return out;
+}
+
+Result<bool> VmStore::QuarantineContainer(uint64_t id, const std::string& reason) {
+  std::string existing;
+  Status st = meta_->Get(QuarantineKey(id), &existing);
+  if (st.ok()) return false;
+  if (!st.IsNotFound()) return st;
+  QuarantineRecord r;
+  r.container = id;
+  r.time = std::chrono::duration_cast<std::chrono::seconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+               .count();
+  r.reason = reason;
+  WriteBatch b;
+  b.Put(QuarantineKey(id), EncodeQuarantine(QuarantineKey(id), r));
+  RETURN_IF_ERROR(meta_->Write(b, true));
+  return true;
+}
+
+Result<std::set<uint64_t>> VmStore::UnusableContainers() {
+  ASSIGN_OR_RETURN(std::set<uint64_t> out, QuarantinedContainers());
+  ASSIGN_OR_RETURN(std::vector<ContainerRecord> catalog, ListContainers());
+  for (const ContainerRecord& c : catalog) {
+    Result<uint64_t> size = objects_->Size(c.object);
+    if (size.ok() && *size == c.size) continue;
+    if (!size.ok() && !size.status().IsNotFound() && !size.status().IsCorruption())
+      return size.status();
+    out.insert(c.id);
+  }
+  return out;
+}
+
 Result<uint64_t> VmStore::GetCounter(const std::string& name) {
   std::string key = CounterKey(name);
   std::string value;

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -148,6 +149,17 @@ class VmStore {
   Result<std::vector<uint64_t>> GetSnapshotSegments(const std::string& disk, uint64_t seq);
   Result<SegmentRecipe> GetSegmentRecipe(uint64_t id);
   Result<ContainerRecord> GetContainer(uint64_t id);
+  // Every catalogued container, by id.
+  Result<std::vector<ContainerRecord>> ListContainers();
+  // The containers `check` quarantined (docs/format.md, "Quarantine").
+  Result<std::set<uint64_t>> QuarantinedContainers();
+  // Records (synced) that container `id` is damaged; false when it was
+  // quarantined already (nothing written).
+  Result<bool> QuarantineContainer(uint64_t id, const std::string& reason);
+  // The containers a backup must not take records from: quarantined, or
+  // catalogued but missing or not of the catalog's size. Looks at the size
+  // of every catalogued container (one stat each).
+  Result<std::set<uint64_t>> UnusableContainers();
   Result<uint64_t> GetCounter(const std::string& name);  // 1 when never set
 
   // Reserves a container id durably, so that no two objects ever share one.

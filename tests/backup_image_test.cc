@@ -13,6 +13,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -643,6 +644,60 @@ TEST_F(BackupImageTest, ACounterThatWentBackNeverReusesAContainerId) {
   EXPECT_EQ(RestoreSha("vm1/vda/1"), sha1);
   EXPECT_EQ(RestoreSha("vm1/vda/2"), ImageSha());
   ExpectCheckClean();
+}
+
+// A backup never references a container that is missing, truncated or
+// that check found damaged: the segments of the parent that use it are read
+// again (even where no bit is dirty) and stored afresh, so the new snapshot
+// restores, and one line says so.
+TEST_F(BackupImageTest, ABackupNeverReferencesAMissingTruncatedOrDamagedContainer) {
+  struct Damage {
+    const char* what;
+    std::function<void(const std::string& container)> apply;
+    bool needs_check;  // only re-reading finds it
+  };
+  const std::vector<Damage> damages = {
+      {"deleted", [](const std::string& c) { ASSERT_EQ(unlink(c.c_str()), 0); }, false},
+      {"truncated", [](const std::string& c) { ASSERT_EQ(truncate(c.c_str(), 4096), 0); }, false},
+      {"flipped",
+       [](const std::string& c) {
+         std::fstream f(c, std::ios::in | std::ios::out | std::ios::binary);
+         f.seekp(100000);
+         f.write("\x5a\xa5\x5a\xa5", 4);
+       },
+       true},
+  };
+  for (const Damage& d : damages) {
+    SCOPED_TRACE(d.what);
+    std::filesystem::remove_all(repo_);
+    ASSERT_EQ(Vmdedup({"init", repo_, "--chunker", chunker_}).exit_code, 0);
+    MakeImage(8 * kMiB, 3 * kMiB, 26);
+    Backup();
+    std::string container;
+    for (const auto& e : std::filesystem::directory_iterator(repo_ + "/vms/vm1/data"))
+      container = e.path().string();
+    ASSERT_FALSE(container.empty());
+    d.apply(container);
+    if (d.needs_check) {
+      auto c = Vmdedup({"check", "-r", repo_, "--read-data", "--json"});
+      EXPECT_EQ(c.exit_code, 3) << c.out;
+      EXPECT_EQ(nlohmann::json::parse(c.out)["quarantined"], 1) << c.out;
+    }
+    // An incremental that writes elsewhere: level 1 would reuse every
+    // damaged segment unread.
+    QemuIo({"write -P 0x66 6M 64k"});
+    const std::string sha = ImageSha();
+    auto s2 = Backup();
+    ASSERT_FALSE(s2.is_null());
+    EXPECT_NE(last_note_.find("missing, damaged or quarantined"), std::string::npos) << last_note_;
+    EXPECT_GE(s2["new"].get<uint64_t>(), 3 * kMiB) << s2.dump();
+    EXPECT_EQ(RestoreSha("vm1/vda/2"), sha);
+    // The snapshot after it needs nothing of the damaged one.
+    auto s3 = Backup();
+    ASSERT_FALSE(s3.is_null());
+    EXPECT_EQ(last_note_.find("quarantined"), std::string::npos) << last_note_;
+    EXPECT_EQ(RestoreSha("vm1/vda/3"), sha);
+  }
 }
 
 TEST_F(BackupImageTest, CorruptedMetadataIsCorruptionNotACrash) {

@@ -276,5 +276,69 @@ TEST_F(CdsBackupTest, CountingOnlyChosenVms) {
   EXPECT_NE(bad.err.find("VM 'nosuch' is not in the repository"), std::string::npos) << bad.err;
 }
 
+// A missing or quarantined CDS container is never referenced: a new VM's
+// backup takes nothing from it (level 3 misses there and stores the blocks
+// itself), an old VM's incremental reads again the segments that used it,
+// and both restore; a rebuild leaves its blocks out or copies them afresh.
+TEST_F(CdsBackupTest, AMissingOrQuarantinedCdsContainerIsNeverReferenced) {
+  ASSERT_NO_FATAL_FAILURE(BackUpThreeVms());
+  ASSERT_FALSE(BuildCds({"--fraction", "100"}).is_null());
+  std::string image4 = MakeVmImage("vm4");
+  ASSERT_FALSE(Backup("vm4", "raw:" + image4).is_null());
+  auto containers = CdsContainers();
+  ASSERT_FALSE(containers.empty());
+  const std::string gone = containers.front();
+  ASSERT_EQ(unlink(gone.c_str()), 0);
+
+  // A brand-new VM: no level-3 hit goes to the missing container.
+  std::string image5 = MakeVmImage("vm5");
+  auto s5 = Backup("vm5", "raw:" + image5);
+  ASSERT_FALSE(s5.is_null());
+  EXPECT_NE(last_err_.find("missing or quarantined"), std::string::npos) << last_err_;
+  EXPECT_EQ(RestoreSha("vm5/vda/1"), FileSha256(image5));
+  // An incremental of vm4, whose snapshot references it: those segments are
+  // read again, and the new snapshot restores.
+  auto s4 = Backup("vm4", "raw:" + image4);
+  ASSERT_FALSE(s4.is_null());
+  EXPECT_GT(s4["new"].get<uint64_t>(), 0u) << s4.dump();
+  EXPECT_EQ(RestoreSha("vm4/vda/2"), FileSha256(image4));
+  auto c = Check();
+  EXPECT_NE(last_check_exit_, 0);  // vm4/vda/1 is damaged, and says so
+  for (const auto& snap : c["damaged_snapshots"]) {
+    EXPECT_NE(snap.get<std::string>(), "vm4/vda/2") << c.dump();
+    EXPECT_NE(snap.get<std::string>(), "vm5/vda/1") << c.dump();
+  }
+  // A rebuild takes nothing from the missing container either.
+  ASSERT_FALSE(BuildCds({"--fraction", "100"}).is_null());
+  std::string image6 = MakeVmImage("vm6");
+  ASSERT_FALSE(Backup("vm6", "raw:" + image6).is_null());
+  EXPECT_EQ(RestoreSha("vm6/vda/1"), FileSha256(image6));
+}
+
+// check quarantines a CDS container whose bytes are damaged (same size:
+// only re-reading finds it); later backups take nothing from it.
+TEST_F(CdsBackupTest, ACdsContainerCheckFoundDamagedIsQuarantined) {
+  ASSERT_NO_FATAL_FAILURE(BackUpThreeVms());
+  ASSERT_FALSE(BuildCds({"--fraction", "100"}).is_null());
+  auto containers = CdsContainers();
+  ASSERT_FALSE(containers.empty());
+  {
+    std::fstream f(containers.front(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096);
+    f.write("\xff\xfe\xfd\xfc", 4);
+  }
+  auto c = Check();
+  EXPECT_NE(last_check_exit_, 0);
+  EXPECT_GE(c["quarantined"].get<uint64_t>(), 1u) << c.dump();
+  std::string image = MakeVmImage("vm7");
+  auto s = Backup("vm7", "raw:" + image);
+  ASSERT_FALSE(s.is_null());
+  EXPECT_NE(last_err_.find("missing or quarantined"), std::string::npos) << last_err_;
+  EXPECT_EQ(RestoreSha("vm7/vda/1"), FileSha256(image));
+  // A second check quarantines nothing new.
+  c = Check();
+  EXPECT_EQ(c["quarantined"].get<uint64_t>(), 0u) << c.dump();
+}
+
 }  // namespace
 }  // namespace vmdedup::testing

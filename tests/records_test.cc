@@ -207,6 +207,28 @@ TEST(RecordsTest, SnapshotVersion1IsStillReadWithoutCdsVersion) {
       Status::Code::kNotSupported);
 }
 
+TEST(RecordsTest, QuarantineRoundTripAndDamage) {
+  QuarantineRecord q;
+  q.container = 0x2a;
+  q.time = 1796000000;
+  q.reason = "container vms/a/data/000000000000002a.ctr: checksum mismatch";
+  const std::string key = QuarantineKey(q.container);
+  EXPECT_EQ(key, "quarantine/000000000000002a");
+  const std::string v = EncodeQuarantine(key, q);
+  QuarantineRecord d;
+  ASSERT_TRUE(DecodeQuarantine(key, v, &d).ok());
+  EXPECT_EQ(d.container, q.container);
+  EXPECT_EQ(d.time, q.time);
+  EXPECT_EQ(d.reason, q.reason);
+  ExpectEveryDamageDetected(key, v, [](const std::string& k, const std::string& val) {
+    QuarantineRecord r;
+    return DecodeQuarantine(k, val, &r);
+  });
+  // The record names the container its key names.
+  q.container = 0x2b;
+  EXPECT_TRUE(DecodeQuarantine(key, EncodeQuarantine(key, q), &d).IsCorruption());
+}
+
 TEST(RecordsTest, SegmentRecipeRoundTripAndDamage) {
   SegmentRecipe r = SampleRecipe();
   std::string key = SegmentRecipeKey(r.id);
