@@ -27,7 +27,8 @@ struct RestoreProgress {
 struct RestoreRequest {
   std::string path;
   std::string format = "raw";  // "raw" or "qcow2"
-  bool force = false;          // replace an existing file
+  bool force = false;          // replace an existing file, or write into a block device
+  unsigned mode = 0600;        // of a new file, whatever the umask
   unsigned threads = 2;
   const std::atomic<bool>* cancel = nullptr;
   std::function<void(const RestoreProgress&)> progress;

@@ -31,9 +31,10 @@ packages+=(qemu-utils qemu-system-x86 nbdkit libnbd-bin)
 # The tests: GoogleTest; a real Linux guest (the Debian kernel, its
 # modules found with kmod's modprobe, and a busybox initramfs the test
 # builds itself, so the kernel's own initramfs is not generated: INITRD=No
-# below); clang-format for the formatting check.
+# below); losetup (a block device to restore into); clang-format for the
+# formatting check.
 if [ "$mode" = test ]; then
-  packages+=(libgtest-dev googletest linux-image-amd64 kmod busybox-static clang-format)
+  packages+=(libgtest-dev googletest linux-image-amd64 kmod busybox-static mount clang-format)
 fi
 
 command -v dpkg-query > /dev/null && command -v apt-get > /dev/null ||
@@ -86,6 +87,7 @@ if [ "$mode" = test ]; then
   need_file /usr/include/gtest/gtest.h libgtest-dev
   need_command modprobe kmod
   need_file /bin/busybox busybox-static
+  need_command losetup mount
   need_command clang-format clang-format
   ls /boot/vmlinuz-* > /dev/null 2>&1 || die "no kernel in /boot: it comes from the package linux-image-amd64"
 fi
