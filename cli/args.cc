@@ -1,5 +1,7 @@
 #include "cli/args.h"
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <thread>
 
@@ -83,9 +85,15 @@ Result<unsigned> Args::Threads() const {
 }
 
 Result<uint64_t> ParseSize(const std::string& text) {
+  // strtoull would take "-5" as 2^64 - 5 and skip leading blanks: only
+  // digits may start a size.
+  if (text.empty() || text[0] < '0' || text[0] > '9')
+    return Status::InvalidArgument("'" + text +
+                                   "' is not a size (a number of bytes, K, M, G or T)");
   char* end = nullptr;
+  errno = 0;
   unsigned long long v = std::strtoull(text.c_str(), &end, 10);
-  if (end == text.c_str()) return Status::InvalidArgument("'" + text + "' is not a size");
+  if (errno == ERANGE) return Status::InvalidArgument("'" + text + "' is too large a size");
   std::string unit(end);
   uint64_t mult = 1;
   if (unit.empty() || unit == "B")
@@ -101,6 +109,7 @@ Result<uint64_t> ParseSize(const std::string& text) {
   else
     return Status::InvalidArgument("'" + text + "': unknown size unit '" + unit +
                                    "' (use K, M, G, T)");
+  if (v > UINT64_MAX / mult) return Status::InvalidArgument("'" + text + "' is too large a size");
   return static_cast<uint64_t>(v) * mult;
 }
 

@@ -1,4 +1,6 @@
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 
 #include "base/priority.h"
 #include "cli/args.h"
@@ -67,6 +69,10 @@ Options:
   --full              ignore bitmaps and read every allocated extent
   --threads N         worker threads for chunking, hashing, compression
                       (default: the number of cores)
+  --timeout SECONDS   NBD sources and qcow2 images: fail when the server (or
+                      qemu-nbd) stays silent this long, in the handshake or
+                      on a request (default 300; 0: wait forever). SIGINT
+                      and SIGTERM end such a wait within a second
   --priority P        CPU and I/O priority of the backup, so that busy guests
                       come first: low (default; nice 10, I/O best-effort 7),
                       idle (runs only on CPU the guests leave: SCHED_IDLE and
@@ -137,6 +143,7 @@ int BackupCommand(int argc, char** argv) {
                            {"backing-chain", 0, false},
                            {"full", 0, false},
                            {"threads", 0, true},
+                           {"timeout", 0, true},
                            {"priority", 0, true},
                            {"json", 0, false},
                            {"quiet", 'q', false},
@@ -157,6 +164,18 @@ int BackupCommand(int argc, char** argv) {
   if (!repo_path.ok()) return ReportError(repo_path.status());
   auto threads = args->Threads();
   if (!threads.ok()) return ReportError(threads.status());
+  unsigned io_timeout = 300;
+  if (auto t = args->Get("timeout")) {
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long v = std::strtoul(t->c_str(), &end, 10);
+    if (t->empty() || (*t)[0] < '0' || (*t)[0] > '9' || *end != '\0' || errno != 0 || v > 86400) {
+      std::fprintf(stderr, "vmdedup: --timeout takes seconds from 0 to 86400, not '%s'\n",
+                   t->c_str());
+      return kExitUsage;
+    }
+    io_timeout = static_cast<unsigned>(v);
+  }
   auto priority = ParsePriority(args->Get("priority").value_or("low"));
   if (!priority.ok()) return ReportError(priority.status());
   // Before any thread starts (LevelDB's among them), so that all inherit it.
@@ -180,7 +199,7 @@ int BackupCommand(int argc, char** argv) {
     o.cancel = &CancelFlag();
     o.cds = cds.get();
     if (o.qmp_socket.empty() || args->Has("bitmap") || args->Has("format") ||
-        args->Has("backing-chain")) {
+        args->Has("backing-chain") || args->Has("timeout")) {
       std::fputs(kHelp, stderr);
       return kExitUsage;
     }
@@ -228,6 +247,7 @@ int BackupCommand(int argc, char** argv) {
   o.full = args->Has("full");
   o.threads = *threads;
   o.cancel = &CancelFlag();
+  o.io_timeout_seconds = io_timeout;
   o.cds = cds.get();
   ProgressLine progress(!quiet && StderrIsTerminal());
   o.progress = [&](const BackupProgress& p) {

@@ -40,7 +40,8 @@ build
   the build fails or is killed) the version in force stays as it was, and
   whatever the build wrote is a leftover that 'check' reports as
   reclaimable. Backups already running keep the version they started with.
-  VMs that a running backup holds are skipped (one line names each).
+  A VM being backed up is counted with the snapshots it had when the build
+  started (it is read through a read view, and neither waits).
   One build runs at a time per repository.
 
 status
@@ -116,7 +117,6 @@ nlohmann::json ResultJson(const CdsBuildResult& r) {
   return {{"version", r.version},
           {"previous_version", r.previous_version},
           {"vms_counted", r.vms_counted},
-          {"vms_skipped", r.vms_skipped},
           {"seed_blocks", r.seed_blocks},
           {"unique_blocks", r.unique_blocks},
           {"unique_bytes", r.unique_bytes},
@@ -208,8 +208,6 @@ int Build(const Args& args) {
   std::printf("  counted        %llu VMs, %zu seeds, %u %s\n",
               static_cast<unsigned long long>(r->vms_counted), o.seeds.size(), r->passes,
               r->passes == 1 ? "pass" : "passes");
-  for (const auto& vm : r->vms_skipped)
-    std::printf("  skipped        VM %s (busy: a backup is running)\n", vm.c_str());
   std::printf("  unique data    %s in %llu blocks (%llu of them in the seeds)\n",
               HumanSize(r->unique_bytes).c_str(), static_cast<unsigned long long>(r->unique_blocks),
               static_cast<unsigned long long>(r->seed_blocks));
@@ -246,18 +244,11 @@ int StatusOf(const Args& args) {
   }
   // Snapshots per CDS version (0: looked up in none).
   std::map<uint64_t, uint64_t> refs;
-  std::vector<std::string> busy;
   auto vms = (*repo)->ListVms();
   if (!vms.ok()) return ReportError(vms.status());
   for (const std::string& name : *vms) {
     auto vm = (*repo)->OpenVm(name, Repository::Access::kRead);
-    if (!vm.ok()) {
-      if (vm.status().IsBusy()) {
-        busy.push_back(name);
-        continue;
-      }
-      return ReportError(vm.status());
-    }
+    if (!vm.ok()) return ReportError(vm.status());
     auto snaps = (*vm)->ListSnapshots();
     if (!snaps.ok()) return ReportError(snaps.status());
     for (const SnapshotRecord& s : *snaps) refs[s.cds_version]++;
@@ -270,7 +261,6 @@ int StatusOf(const Args& args) {
     nlohmann::json j = {{"current", pointer->current},
                         {"versions", nlohmann::json::array()},
                         {"snapshots_without_cds", refs[0]},
-                        {"vms_not_counted", busy},
                         {"leftovers", leftovers.size()}};
     for (const CdsVersionInfo& v : versions)
       j["versions"].push_back({{"version", v.version},
@@ -306,9 +296,6 @@ int StatusOf(const Args& args) {
     std::printf("version in force: %llu\n", static_cast<unsigned long long>(pointer->current));
   }
   std::printf("snapshots without CDS lookups: %llu\n", static_cast<unsigned long long>(refs[0]));
-  for (const auto& name : busy)
-    std::printf("VM %s is busy (a backup is running): its snapshots were not counted\n",
-                name.c_str());
   if (!leftovers.empty())
     std::printf("%zu objects left by builds that did not finish (reclaimable)\n", leftovers.size());
   return kExitOk;

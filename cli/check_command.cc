@@ -1,4 +1,5 @@
 #include <cstdio>
+#include <cstdlib>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -8,7 +9,8 @@
 namespace vmdedup::cli {
 namespace {
 
-const char kHelp[] = R"(usage: vmdedup check -r REPO [--vm VM] [--read-data] [--json]
+const char kHelp[] = R"(usage: vmdedup check -r REPO [--vm VM] [--read-data] [--lock-wait SECONDS]
+                     [--json]
 
 Verifies a repository. Always: every metadata record's checksum, every
 snapshot's segment list, every recipe's references (recipe present, container
@@ -30,15 +32,26 @@ recipe), what its damaged snapshots use is unknown: nothing of that VM is
 listed as reclaimable then (one 'skipped' finding counts it), and with
 --read-data its unreferenced containers are re-hashed too.
 
+A VM that a backup holds is not checked (check opens its metadata store
+itself, to record what it quarantines): it is named, and the check is
+incomplete (exit code 5) unless damage was found. --lock-wait waits for it.
+A repository check cannot write (a read-only mount) is checked all the
+same; the quarantines it could not record are reported.
+
 Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)
   --vm VM           only this VM
   --read-data       also read and re-hash all data
+  --lock-wait SECONDS
+                    wait up to SECONDS for a VM that a backup holds
+                    (default 0: do not wait)
   --json            one JSON object with the findings
   -h, --help        this text
 
 Exit codes: 0 no damage (reclaimable leftovers allowed), 1 the check could not
-run, 2 bad usage, 3 damage found (the damaged snapshots are listed).
+run, 2 bad usage, 3 damage found (the damaged snapshots are listed), 5 no
+damage found but some VM was not checked (a backup held it), 130
+interrupted.
 )";
 
 const char* KindName(CheckFinding::Kind k) {
@@ -60,6 +73,7 @@ int CheckCommand(int argc, char** argv) {
                           {{"repo", 'r', true},
                            {"vm", 0, true},
                            {"read-data", 0, false},
+                           {"lock-wait", 0, true},
                            {"json", 0, false},
                            {"help", 'h', false}});
   if (!args.ok()) return ReportError(args.status());
@@ -78,12 +92,28 @@ int CheckCommand(int argc, char** argv) {
   CheckOptions opt;
   opt.read_data = args->Has("read-data");
   opt.vm = args->Get("vm").value_or("");
+  if (auto wait = args->Get("lock-wait")) {
+    char* end = nullptr;
+    const double v = std::strtod(wait->c_str(), &end);
+    if (wait->empty() || *end != '\0' || !(v >= 0) || v > 7 * 24 * 3600) {
+      std::fprintf(stderr, "vmdedup: --lock-wait takes seconds from 0 to 604800, not '%s'\n",
+                   wait->c_str());
+      return kExitUsage;
+    }
+    opt.lock_wait_seconds = v;
+  }
+  opt.cancel = &CancelFlag();
   const bool json = args->Has("json");
   auto report = CheckRepository(**repo, opt);
   if (!report.ok()) return ReportError(report.status());
   const CheckReport& r = *report;
   if (json) {
+    nlohmann::json not_checked = nlohmann::json::array();
+    for (const auto& [vm, why] : r.vms_not_checked)
+      not_checked.push_back({{"vm", vm}, {"reason", why}});
     nlohmann::json j = {{"ok", r.ok()},
+                        {"complete", r.complete()},
+                        {"vms_not_checked", not_checked},
                         {"vms", r.vms},
                         {"snapshots", r.snapshots},
                         {"recipes", r.recipes},
@@ -134,15 +164,25 @@ int CheckCommand(int argc, char** argv) {
           "quarantined %llu damaged container(s): backups take nothing from them and "
           "store their blocks afresh (docs/operations.md, \"Damage\")\n",
           static_cast<unsigned long long>(r.quarantined));
+    for (const auto& [vm, why] : r.vms_not_checked)
+      std::printf("not checked: VM %s: %s (--lock-wait waits for it)\n", vm.c_str(), why.c_str());
     auto damaged = r.DamagedSnapshots();
-    std::printf("%s\n", r.ok() ? "no damage found" : "DAMAGE FOUND");
+    if (!r.ok())
+      std::printf("DAMAGE FOUND\n");
+    else if (!r.complete())
+      std::printf("no damage found in what was checked; CHECK INCOMPLETE: %zu VM(s) not checked\n",
+                  r.vms_not_checked.size());
+    else
+      std::printf("no damage found\n");
     if (!damaged.empty()) {
       std::printf("damaged snapshots:");
       for (const auto& s : damaged) std::printf(" %s", s.c_str());
       std::printf("\n");
     }
   }
-  return r.ok() ? kExitOk : kExitDamaged;
+  if (!r.ok()) return kExitDamaged;
+  if (CancelFlag().load()) return kExitInterrupted;
+  return r.complete() ? kExitOk : kExitIncomplete;
 }
 
 }  // namespace vmdedup::cli

@@ -1,5 +1,7 @@
 // vmdedup: backs up QEMU/KVM virtual machine disks with multi-level
 // deduplication. This file dispatches to the subcommands.
+#include <sys/stat.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -49,6 +51,11 @@ Exit codes: 0 success, 1 failure, 2 bad usage, 3 check found damage,
 
 int main(int argc, char** argv) {
   using namespace vmdedup::cli;
+  // Everything vmdedup creates is its user's alone (a repository holds
+  // every guest's secrets): vmdedup's own files ask for 0600 and 0700, and
+  // this also covers what LevelDB, qemu-img and nbdkit create for it.
+  // restore --mode sets an image's mode exactly, whatever the umask.
+  ::umask(077);
   struct sigaction sa;
   std::memset(&sa, 0, sizeof(sa));
   sa.sa_handler = OnSignal;

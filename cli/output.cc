@@ -48,6 +48,7 @@ nlohmann::json SnapshotJson(const SnapshotRecord& s) {
       {"source", s.source},
       {"bitmap", s.bitmap},
       {"source_format", s.source_format},
+      {"image_bytes", s.image_bytes != 0 ? s.image_bytes : s.size},
       {"segment_size", s.segment_size},
       {"chunker", ChunkerKindName(s.chunker.kind)},
   };

@@ -18,10 +18,11 @@ namespace vmdedup::cli {
 
 // Exit codes (documented in every --help).
 constexpr int kExitOk = 0;
-constexpr int kExitFailure = 1;  // the operation failed; nothing was lost
-constexpr int kExitUsage = 2;    // bad command line
-constexpr int kExitDamaged = 3;  // check found damage
-constexpr int kExitBusy = 4;     // the VM or repository is locked by another vmdedup
+constexpr int kExitFailure = 1;     // the operation failed; nothing was lost
+constexpr int kExitUsage = 2;       // bad command line
+constexpr int kExitDamaged = 3;     // check found damage
+constexpr int kExitBusy = 4;        // the VM or repository is locked by another vmdedup
+constexpr int kExitIncomplete = 5;  // check found no damage but could not check everything
 constexpr int kExitInterrupted = 130;
 
 std::string Percent(uint64_t part, uint64_t whole);

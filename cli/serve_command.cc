@@ -10,8 +10,9 @@
 //
 // A unix socket is created under umask 0177 (mode 0600); without --socket it
 // lives in a fresh private directory (mode 0700). TCP listens on 127.0.0.1
-// unless --bind says otherwise, and a non-loopback address requires
-// --tls-psk (nbdkit --tls=require).
+// unless --bind says otherwise, and requires --tls-psk (nbdkit
+// --tls=require) unless --insecure-tcp is given: any local user can
+// connect to a loopback port.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -48,7 +49,8 @@ namespace {
 namespace fs = std::filesystem;
 
 const char kHelp[] = R"(usage: vmdedup serve -r REPO SNAPSHOT [--socket PATH] [OPTIONS]
-       vmdedup serve -r REPO SNAPSHOT --port N [--bind ADDR] [--tls-psk FILE] [OPTIONS]
+       vmdedup serve -r REPO SNAPSHOT --port N [--bind ADDR]
+                     (--tls-psk FILE | --insecure-tcp) [OPTIONS]
 
 Exports snapshot SNAPSHOT (VM/DISK/N or VM/DISK/latest) over NBD, read-only,
 until interrupted (SIGINT or SIGTERM), then stops the server and exits 0.
@@ -73,13 +75,18 @@ Options:
                       existing stale socket is replaced). Default: a socket
                       in a new private directory (mode 0700) under
                       $XDG_RUNTIME_DIR, $TMPDIR or /tmp, removed at exit
-  --port N            listen on TCP port N instead
+  --port N            listen on TCP port N instead; needs --tls-psk or
+                      --insecure-tcp: NBD has no authentication of its own,
+                      and any local user can connect to a loopback port
   --bind ADDR         the IP address to listen on with --port (default
-                      127.0.0.1); an address other than loopback requires
-                      --tls-psk
+                      127.0.0.1)
   --tls-psk FILE      require TLS with the pre-shared keys in FILE (lines
-                      "USERNAME:HEXKEY", see nbdkit-tls(1)); clients use
+                      "USERNAME:HEXKEY", see nbdkit-tls(1); keep it mode
+                      0600: a warning says when others can read it);
+                      clients use
                       nbds://USERNAME@HOST:PORT/?tls-psk-file=FILE
+  --insecure-tcp      serve TCP without TLS: whoever reaches the port reads
+                      the disk (a warning says so)
   --cache SIZE        memory for decoded segments (default 256M; 0: none)
   --threads N         nbdkit worker threads per connection (default 16, but
                       1 with nbdkit 1.32.4 to 1.33.9: their parallel mode
@@ -92,13 +99,14 @@ Options:
 
 Environment: VMDEDUP_NBDKIT_PLUGIN overrides the plugin's path.
 
-Limitation: the server holds the VM's metadata open; while it runs, a
-backup, restore or second serve of the same VM fails as locked (exit 4).
+The server reads the VM through a read view: backups, restores and other
+servers of the same VM run while it serves, and it serves the snapshot as
+it was when it started.
 
 Exit codes: 0 stopped by SIGINT/SIGTERM, 1 failure (nbdkit missing, failed
-to start or died), 2 bad usage (unknown snapshot, non-loopback address
-without --tls-psk, socket path in use), 4 the VM is locked by a running
-backup, 130 interrupted before the server was ready.
+to start or died), 2 bad usage (unknown snapshot, --port without --tls-psk
+or --insecure-tcp, socket path in use), 130 interrupted before the server
+was ready.
 )";
 
 constexpr uint64_t kDefaultCacheBytes = 256ull << 20;
@@ -335,6 +343,7 @@ int ServeCommand(int argc, char** argv) {
                            {"port", 0, true},
                            {"bind", 0, true},
                            {"tls-psk", 0, true},
+                           {"insecure-tcp", 0, false},
                            {"cache", 0, true},
                            {"threads", 0, true},
                            {"json", 0, false},
@@ -371,14 +380,33 @@ int ServeCommand(int argc, char** argv) {
     if (::access(f->c_str(), R_OK) != 0)
       return Usage("--tls-psk " + *f + ": " + std::strerror(errno));
     psk = fs::absolute(*f).string();
+    struct stat sb;
+    if (::stat(f->c_str(), &sb) == 0 && (sb.st_mode & 077) != 0 && !args->Has("quiet"))
+      std::fprintf(stderr,
+                   "vmdedup: warning: %s is readable by %s (mode %04o): whoever reads the keys "
+                   "reads the disk; chmod 600 %s\n",
+                   f->c_str(), (sb.st_mode & 007) != 0 ? "every user" : "its group",
+                   static_cast<unsigned>(sb.st_mode & 07777), f->c_str());
   }
+  const bool insecure = args->Has("insecure-tcp");
+  if (insecure && !port) return Usage("--insecure-tcp is for --port");
+  if (insecure && psk) return Usage("--insecure-tcp and --tls-psk exclude each other");
+  if (psk && !port) return Usage("--tls-psk is for --port (a unix socket is mode 0600)");
   if (port) {
     auto loopback = IsLoopback(bind);
     if (!loopback) return Usage("--bind takes a numeric IP address, not '" + bind + "'");
-    if (!*loopback && !psk)
-      return Usage("listening on " + bind +
-                   " (not loopback) requires --tls-psk FILE: NBD has no authentication "
-                   "of its own");
+    if (!psk && !insecure)
+      return Usage("listening on TCP (" + bind + ":" + std::to_string(*port) +
+                   ") requires --tls-psk FILE: NBD has no authentication of its own, and " +
+                   (*loopback ? "any local user can connect to a loopback port"
+                              : "anyone who reaches the port reads the disk") +
+                   "; --insecure-tcp serves without it");
+    if (insecure && !args->Has("quiet"))
+      std::fprintf(stderr,
+                   "vmdedup: warning: serving %s over TCP without TLS (--insecure-tcp): "
+                   "whoever can connect to %s:%u reads it\n",
+                   args->positionals().empty() ? "the snapshot" : args->positionals()[0].c_str(),
+                   bind.c_str(), *port);
   }
   uint64_t cache = kDefaultCacheBytes;
   if (auto c = args->Get("cache")) {

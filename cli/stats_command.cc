@@ -188,6 +188,9 @@ int StatsCommand(int argc, char** argv) {
         });
     if (!st.ok()) return ReportError(st);
     if (!inner.ok()) return ReportError(inner);
+    // A first backup that failed leaves a VM with nothing in it: listed
+    // only when asked for by name.
+    if (!args->Has("vm") && t.snapshots == 0 && t.containers == 0) continue;
     t.metadata = (*vm)->meta()->ApproximateBytes();
     total.Add(t);
     per_vm.emplace_back(name, t);

@@ -342,6 +342,10 @@ Status BackupRun::Prepare() {
   snap_.chunker = cfg_.chunker;
   snap_.segment_count = (size + cfg_.segment_size - 1) / cfg_.segment_size;
   snap_.source = req_.source->Describe();
+  // Record version 4 (docs/format.md), never in a repository of format
+  // version 1, which an older vmdedup must read.
+  if (req_.source->content_bytes() != size && repo_.config().format_version >= 2)
+    snap_.image_bytes = req_.source->content_bytes();
   snap_.read_mode = req_.read_mode;
   snap_.bitmap = req_.bitmap;
   snap_.source_format = req_.source_format;

@@ -173,6 +173,8 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
     if (repo.config().format_version >= 2) req.source_format = format;
     ImageFileOptions fo;
     fo.path = image_path;
+    fo.cancel = o.cancel;
+    fo.io_timeout_seconds = o.io_timeout_seconds;
     fo.format = info.format;
     if (info.format == "qcow2") {
       ASSIGN_OR_RETURN(uint64_t next_seq, vm->GetCounter("seq/" + o.disk));
@@ -201,6 +203,8 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
       return Status::InvalidArgument("--format is for image files (file:PATH), not NBD URIs");
     NbdUriOptions no;
     no.uri = o.source;
+    no.cancel = o.cancel;
+    no.io_timeout_seconds = o.io_timeout_seconds;
     no.bitmap = o.bitmap;
     ASSIGN_OR_RETURN(source, OpenNbdUri(no));
     if (!o.bitmap) {

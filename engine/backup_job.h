@@ -38,7 +38,10 @@ struct BackupJobOptions {
   bool full = false;                  // ignore bitmaps: read every allocated extent
   unsigned threads = 2;
   const CommonBlockIndex* cds = nullptr;
-  const std::atomic<bool>* cancel = nullptr;
+  const std::atomic<bool>* cancel = nullptr;  // also ends a wait on an NBD server
+  // An NBD server (or qemu-nbd) that stays silent this long fails the
+  // backup; 0: wait forever.
+  unsigned io_timeout_seconds = 300;
   std::function<void(const BackupProgress&)> progress;
   // One-line notes for the user: the read mode and why, bitmap warnings.
   std::function<void(const std::string&)> note;

@@ -34,7 +34,6 @@ constexpr uint64_t kCountBytesPerBlock = 64;
 constexpr uint64_t kSeedWindowSegments = 64;  // allocation queried per window
 constexpr uint64_t kSeedBatchBytes = 16u << 20;
 constexpr uint32_t kMaxReadRequest = 16u << 20;
-constexpr int kBusyRetries = 30;  // seconds a later pass waits for a busy VM
 constexpr uint64_t kIndexEntryBytes = 24;
 
 struct SeedBlock {
@@ -322,13 +321,11 @@ Status CdsBuild::Validate() {
   return Status::OK();
 }
 
+// A read view: a backup of the VM neither stops nor waits for the build.
+// The recipes the build reads were listed when it started; recipes are
+// immutable, so every pass counts the same ones.
 Result<std::unique_ptr<VmStore>> CdsBuild::OpenCounted(const std::string& name) {
-  for (int attempt = 0;; attempt++) {
-    auto vm = repo_.OpenVm(name, Repository::Access::kRead);
-    if (vm.ok() || !vm.status().IsBusy() || attempt >= kBusyRetries) return vm;
-    if (attempt == 0) Note("waiting for VM '" + name + "': a backup took it after it was counted");
-    std::this_thread::sleep_for(std::chrono::seconds(1));
-  }
+  return repo_.OpenVm(name, Repository::Access::kRead);
 }
 
 Status CdsBuild::ListVms(uint64_t* est_blocks, uint64_t* snapshots) {
@@ -345,20 +342,12 @@ Status CdsBuild::ListVms(uint64_t* est_blocks, uint64_t* snapshots) {
   }
   uint64_t own = 0, cds_refs = 0;
   for (const std::string& name : names) {
-    auto vm = repo_.OpenVm(name, Repository::Access::kRead);
-    if (!vm.ok()) {
-      if (vm.status().IsBusy()) {
-        Note("VM '" + name + "' is busy (a backup is running): not counted");
-        r_.vms_skipped.push_back(name);
-        continue;
-      }
-      return vm.status();
-    }
-    ASSIGN_OR_RETURN(std::vector<SnapshotRecord> snaps, (*vm)->ListSnapshots());
+    ASSIGN_OR_RETURN(std::unique_ptr<VmStore> vm, OpenCounted(name));
+    ASSIGN_OR_RETURN(std::vector<SnapshotRecord> snaps, vm->ListSnapshots());
     CountedVm c;
     c.name = name;
     for (const SnapshotRecord& s : snaps) {
-      ASSIGN_OR_RETURN(std::vector<uint64_t> ids, (*vm)->GetSnapshotSegments(s.disk, s.seq));
+      ASSIGN_OR_RETURN(std::vector<uint64_t> ids, vm->GetSnapshotSegments(s.disk, s.seq));
       for (uint64_t id : ids)
         if (id != 0) c.recipes.push_back(id);
       own += s.stats.new_blocks;
@@ -826,7 +815,6 @@ Result<CdsBuildResult> CdsBuild::Run() {
   RETURN_IF_ERROR(ListVms(&est, &snapshots));
   if (snapshots == 0 && o_.seeds.empty()) {
     std::string why = "repository " + repo_.path() + " has no snapshot";
-    if (!r_.vms_skipped.empty()) why += " that is not busy";
     return Status::InvalidArgument("nothing to count: " + why +
                                    " and no seed was given (back up VMs first, or --seed)");
   }

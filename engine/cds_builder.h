@@ -23,9 +23,10 @@
 // was; its objects are leftovers that `check` reports as reclaimable.
 //
 // Thread model: one build at a time per repository (BuildCds takes the CDS
-// lock: Busy when another build holds it). VMs whose lock is held by a
-// running backup are skipped with a note; the backup keeps the version it
-// loaded at its start.
+// lock: Busy when another build holds it). VMs are read through read views
+// (Repository::Access::kRead), so a VM being backed up is counted with the
+// snapshots it had when the build listed it; the backup keeps the version
+// it loaded at its start.
 #pragma once
 
 #include <cstdint>
@@ -72,9 +73,8 @@ struct CdsBuildResult {
   uint64_t version = 0;
   uint64_t previous_version = 0;  // 0: none
   uint64_t vms_counted = 0;
-  std::vector<std::string> vms_skipped;  // busy (a backup holds them)
-  uint64_t seed_blocks = 0;              // distinct non-zero blocks of the seeds
-  uint64_t unique_blocks = 0;            // distinct non-zero blocks counted
+  uint64_t seed_blocks = 0;    // distinct non-zero blocks of the seeds
+  uint64_t unique_blocks = 0;  // distinct non-zero blocks counted
   uint64_t unique_bytes = 0;
   uint64_t candidates = 0;  // blocks eligible (>= 2 holders or seed)
   uint64_t blocks = 0;      // in the new version

@@ -282,6 +282,7 @@ Result<int64_t> LiveBackup::CutWithFreeze(FleeceSession& fleece, const std::vect
 Status LiveBackup::BackUpDisk(DiskPlan& p, const std::string& uri, int64_t instant) {
   NbdUriOptions no;
   no.uri = uri;
+  no.cancel = o_.cancel;
   if (p.use_dirty_map) no.bitmap = p.old_bitmap;
   ASSIGN_OR_RETURN(auto nbd, OpenNbdUri(no));
   BackupRequest req;

@@ -34,10 +34,10 @@ Status PwriteAll(int fd, const uint8_t* p, size_t n, uint64_t off, const std::st
 }
 
 // Writes the raw image into `fd` (`path` for messages): a new sparse file
-// (zero ranges are holes already), or a block device written in place
-// (`zero_fill`: zero ranges are written as zeros).
+// of `file_length` bytes (zero ranges are holes already), or a block device
+// written in place (`zero_fill`: zero ranges are written as zeros).
 Status WriteRaw(SnapshotReader& reader, int fd, const std::string& path, bool zero_fill,
-                const RestoreRequest& req, RestoreResult* result) {
+                uint64_t file_length, const RestoreRequest& req, RestoreResult* result) {
   const SnapshotRecord& snap = reader.snapshot();
   Status st;
   if (!zero_fill && ::ftruncate(fd, static_cast<off_t>(snap.size)) != 0)
@@ -118,8 +118,13 @@ Status WriteRaw(SnapshotReader& reader, int fd, const std::string& path, bool ze
     }
     for (auto& t : threads) t.join();
   }
+  // A raw image file whose length is no multiple of 512: its exact length
+  // (what lay past it, in the sector's padding, was zeros).
+  if (st.ok() && !zero_fill && file_length != snap.size &&
+      ::ftruncate(fd, static_cast<off_t>(file_length)) != 0)
+    st = Status::FromErrno(errno, "resize " + path);
   if (st.ok() && ::fsync(fd) != 0) st = Status::FromErrno(errno, "fsync " + path);
-  result->size = snap.size;
+  result->size = zero_fill ? snap.size : file_length;
   result->written_bytes = written.load();
   return st;
 }
@@ -172,7 +177,8 @@ Result<RestoreResult> RestoreToFile(Repository& repo, VmStore& vm, const Snapsho
       st = Status::InvalidArgument("block device " + req.path + " holds " +
                                    std::to_string(device_size) + " bytes, snapshot " +
                                    snapshot.Id() + " needs " + std::to_string(snapshot.size));
-    if (st.ok()) st = WriteRaw(*reader, fd, req.path, /*zero_fill=*/true, req, &result);
+    if (st.ok())
+      st = WriteRaw(*reader, fd, req.path, /*zero_fill=*/true, snapshot.size, req, &result);
     ::close(fd);
     if (!st.ok()) return st.WithContext("restore " + snapshot.Id() + " to " + req.path);
     return result;
@@ -187,7 +193,11 @@ Result<RestoreResult> RestoreToFile(Repository& repo, VmStore& vm, const Snapsho
   // The mode exactly, whatever the umask.
   Status st =
       ::fchmod(fd, mode) == 0 ? Status::OK() : Status::FromErrno(errno, "chmod " + raw_path);
-  if (st.ok()) st = WriteRaw(*reader, fd, raw_path, /*zero_fill=*/false, req, &result);
+  // The exact length of a raw image of odd length; qcow2's virtual size is
+  // whole sectors anyway.
+  const uint64_t file_length =
+      req.format == "raw" && snapshot.image_bytes != 0 ? snapshot.image_bytes : snapshot.size;
+  if (st.ok()) st = WriteRaw(*reader, fd, raw_path, /*zero_fill=*/false, file_length, req, &result);
   ::close(fd);
   if (st.ok() && req.format == "qcow2") {
     auto out =

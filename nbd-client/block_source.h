@@ -20,10 +20,13 @@
 //
 // Failures of NBD sources: a connection that breaks (server killed, socket
 // reset) or stays silent for io_timeout_seconds fails the call in progress
-// with IOError and is closed; every later call fails with IOError too. No
-// call returns while the server may still write into a caller's buffer.
+// with IOError and is closed; every later call fails with IOError too. A
+// set cancel flag (SIGINT/SIGTERM) fails the connect or the call in
+// progress with Aborted within half a second, and closes the connection.
+// No call returns while the server may still write into a caller's buffer.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -63,6 +66,9 @@ class BlockSource {
  public:
   virtual ~BlockSource() = default;
   virtual uint64_t size() const = 0;
+  // The exact length of the content: size() but for a raw file whose
+  // length is no multiple of 512, which this source (as QEMU) rounds up.
+  virtual uint64_t content_bytes() const { return size(); }
   // Extents covering exactly [offset, offset+length), in order, merged where
   // neighbours have the same flags (*out is replaced). A server without
   // base:allocation yields one data extent (flags 0): always safe.
@@ -94,6 +100,7 @@ struct NbdUriOptions {
   unsigned max_in_flight = 16;
   // A call fails (IOError) when no reply arrives for this long; 0: never.
   unsigned io_timeout_seconds = 300;
+  const std::atomic<bool>* cancel = nullptr;  // set: Aborted (see above)
 };
 // Connects to `uri` (nbd://, nbd+unix:///EXPORT?socket=PATH, ...) asking for
 // base:allocation and, with a bitmap, qemu:dirty-bitmap:NAME. A bitmap the
@@ -106,7 +113,8 @@ struct ImageFileOptions {
   std::string format;                 // "raw" or "qcow2"
   std::optional<std::string> bitmap;  // persistent qcow2 bitmap, qemu-nbd -B
   unsigned max_in_flight = 16;
-  unsigned io_timeout_seconds = 300;  // as in NbdUriOptions
+  unsigned io_timeout_seconds = 300;          // as in NbdUriOptions
+  const std::atomic<bool>* cancel = nullptr;  // as in NbdUriOptions
 };
 // Starts `qemu-nbd --read-only --format=FORMAT [--bitmap=NAME] PATH` through
 // libnbd (systemd socket activation, default cache mode) and connects; the

@@ -27,6 +27,7 @@ constexpr uint64_t kMaxBlockStatusChunk = 1ull << 30;  // 1 GiB a block status r
 constexpr uint32_t kMaxReadPiece = 256u << 10;
 constexpr uint32_t kQemuMaxRequest = 32u << 20;  // QEMU drops larger requests
 constexpr int kDisconnectTimeoutMs = 5000;
+constexpr int kCancelCheckMs = 500;  // the longest a poll waits before the cancel flag is read
 constexpr const char* kAllocationContext = "base:allocation";
 constexpr const char* kDirtyContextPrefix = "qemu:dirty-bitmap:";
 
@@ -107,6 +108,7 @@ class NbdBlockSource final : public BlockSource {
     std::optional<std::string> bitmap;
     unsigned max_in_flight = 16;
     unsigned io_timeout_seconds = 0;
+    const std::atomic<bool>* cancel = nullptr;
     bool subprocess = false;
     std::unique_ptr<StderrCapture> stderr_capture;  // qemu-nbd's, if we started it
   };
@@ -371,7 +373,7 @@ class NbdBlockSource final : public BlockSource {
   // since `progress_ms` (NowMs() of the last completion) for
   // io_timeout_seconds, which closes the connection.
   Status PollOnce(int64_t progress_ms, const std::string& what) {
-    int timeout = -1;
+    int timeout = kCancelCheckMs;
     if (config_.io_timeout_seconds > 0) {
       int64_t left = progress_ms + int64_t{config_.io_timeout_seconds} * 1000 - NowMs();
       if (left <= 0) {
@@ -382,9 +384,15 @@ class NbdBlockSource final : public BlockSource {
         Close(/*graceful=*/false);
         return st;
       }
-      timeout = static_cast<int>(std::min<int64_t>(left, 60000));
+      timeout = static_cast<int>(std::min<int64_t>(left, kCancelCheckMs));
     }
     if (nbd_poll(h_, timeout) < 0) return ConnectionFailure(what, LastNbdError());
+    if (config_.cancel != nullptr && config_.cancel->load()) {
+      Status st = Status::Aborted(config_.describe + ": " + what + ": interrupted");
+      dead_reason_ = st.message();
+      Close(/*graceful=*/false);
+      return st;
+    }
     return Status::OK();
   }
 
@@ -548,21 +556,22 @@ Status QemuNbdStartError(const ImageFileOptions& options, const std::string& qem
 // Drives an aio connect to the end of the handshake. A server that accepts
 // but never answers (qemu-nbd busy with its one allowed client) fails after
 // `timeout_seconds` (0: wait forever). Returns the libnbd error text.
-Status WaitConnected(nbd_handle* h, unsigned timeout_seconds) {
+Status WaitConnected(nbd_handle* h, unsigned timeout_seconds, const std::atomic<bool>* cancel) {
   const int64_t deadline = timeout_seconds > 0 ? NowMs() + int64_t{timeout_seconds} * 1000 : -1;
   for (;;) {
     if (nbd_aio_is_ready(h) == 1) return Status::OK();
     if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) {
       return Status::IOError("connection closed during the handshake");
     }
-    int timeout = -1;
+    if (cancel != nullptr && cancel->load()) return Status::Aborted("interrupted");
+    int timeout = kCancelCheckMs;
     if (deadline >= 0) {
       int64_t left = deadline - NowMs();
       if (left <= 0) {
         return Status::IOError("no handshake from the server in " +
                                std::to_string(timeout_seconds) + " s");
       }
-      timeout = static_cast<int>(std::min<int64_t>(left, 60000));
+      timeout = static_cast<int>(std::min<int64_t>(left, kCancelCheckMs));
     }
     if (nbd_poll(h, timeout) < 0) return Status::IOError(LastNbdError());
   }
@@ -596,8 +605,9 @@ Result<std::unique_ptr<BlockSource>> OpenNbdUri(const NbdUriOptions& options) {
   config.bitmap = options.bitmap;
   config.max_in_flight = options.max_in_flight;
   config.io_timeout_seconds = options.io_timeout_seconds;
+  config.cancel = options.cancel;
   Status connected = nbd_aio_connect_uri(h, options.uri.c_str()) == 0
-                         ? WaitConnected(h, options.io_timeout_seconds)
+                         ? WaitConnected(h, options.io_timeout_seconds, options.cancel)
                          : Status::IOError(LastNbdError());
   if (!connected.ok()) {
     nbd_close(h);
@@ -669,13 +679,15 @@ Result<std::unique_ptr<BlockSource>> OpenImageFile(const ImageFileOptions& optio
   const std::string describe = "file:" + options.path + " (" + options.format + ")";
   ASSIGN_OR_RETURN(nbd_handle * h, CreateHandle(options.bitmap, describe));
   Status connected = nbd_aio_connect_systemd_socket_activation(h, argv.data()) == 0
-                         ? WaitConnected(h, options.io_timeout_seconds)
+                         ? WaitConnected(h, options.io_timeout_seconds, options.cancel)
                          : Status::IOError(LastNbdError());
   if (!connected.ok()) {
     // Usually qemu-nbd has printed its error and exited; a hung one is
     // killed. nbd_close reaps it.
     nbd_kill_subprocess(h, SIGKILL);
     nbd_close(h);
+    if (connected.code() == Status::Code::kAborted)
+      return connected.WithContext("image " + options.path);
     return QemuNbdStartError(options, capture->Read(), connected.message());
   }
 
@@ -684,6 +696,7 @@ Result<std::unique_ptr<BlockSource>> OpenImageFile(const ImageFileOptions& optio
   config.bitmap = options.bitmap;
   config.max_in_flight = options.max_in_flight;
   config.io_timeout_seconds = options.io_timeout_seconds;
+  config.cancel = options.cancel;
   config.subprocess = true;
   config.stderr_capture = std::move(capture);
   auto source = std::make_unique<NbdBlockSource>(h, std::move(config));

@@ -43,6 +43,7 @@ class RawFileSource final : public BlockSource {
   RawFileSource& operator=(const RawFileSource&) = delete;
 
   uint64_t size() const override { return size_; }
+  uint64_t content_bytes() const override { return regular_ ? file_size_ : size_; }
   bool has_dirty_map() const override { return false; }
   std::string Describe() const override { return describe_; }
 

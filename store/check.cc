@@ -1,9 +1,11 @@
 #include "store/check.h"
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <map>
 #include <set>
+#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -112,7 +114,8 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
       AddFinding(report, CheckFinding::Kind::kError,
                  "CDS container " + object + ": " + size.status().ToString());
       state->damaged_containers.insert(cid);
-      if (size.status().IsNotFound()) state->to_quarantine.insert(cid);
+      if (size.status().IsNotFound() || size.status().IsCorruption())
+        state->to_quarantine.insert(cid);
       continue;
     }
     report.cds_containers++;
@@ -350,9 +353,12 @@ Status VmCheck::Run() {
     snapshot_segments_[s.Id()] = std::move(segs).value();
   }
 
-  // 3. Live recipes → containers.
+  // 3. Live recipes → containers. A problem is reported once, with the
+  // recipes that have it (a damaged container may be referenced by
+  // thousands of blocks).
   std::map<uint64_t, std::set<Ref>> refs;  // container → referenced records
   std::set<uint64_t> bad_recipes;
+  std::map<std::string, std::set<uint64_t>> problems;  // problem → recipes
   for (uint64_t id : live_recipes) {
     auto it = recipes_.find(id);
     if (it == recipes_.end()) continue;
@@ -363,35 +369,44 @@ Status VmCheck::Run() {
         auto size = cds_.container_sizes.find(b.container);
         std::string problem;
         if (cds_.damaged_containers.count(b.container)) {
-          problem = "refers to " + object + ", which is damaged";
+          problem = "to " + object + ", which is damaged";
         } else if (size == cds_.container_sizes.end()) {
-          problem = "refers to CDS container " + object + ", which no published CDS version has";
+          problem = "to CDS container " + object + ", which no published CDS version has";
         } else if (uint64_t{b.offset} + b.record_len > size->second) {
-          problem = "refers past the end of " + object;
+          problem = "past the end of " + object;
         } else if (opt_.read_data &&
                    !cds_.valid_records.at(b.container)
                         .count({b.offset, b.record_len, b.index, b.fingerprint})) {
-          problem = "refers to " + object + " at offset " + std::to_string(b.offset) +
-                    ", where there is no record with fingerprint " + b.fingerprint.Hex();
+          problem = "to records of " + object + " that it does not hold (fingerprint)";
         }
         if (!problem.empty()) {
-          Error("recipe " + SegmentRecipeKey(id) + " " + problem);
+          problems[problem].insert(id);
           bad_recipes.insert(id);
         }
         continue;
       }
       auto c = containers_.find(b.container);
       if (c == containers_.end()) {
-        Error("recipe " + SegmentRecipeKey(id) + " refers to container " +
-              ContainerKey(b.container) + ", which is not in the catalog");
+        problems["to container " + ContainerKey(b.container) + ", which is not in the catalog"]
+            .insert(id);
         bad_recipes.insert(id);
       } else if (static_cast<uint64_t>(b.offset) + b.record_len > c->second.size) {
-        Error("recipe " + SegmentRecipeKey(id) + " refers past the end of " + c->second.object);
+        problems["past the end of " + c->second.object].insert(id);
         bad_recipes.insert(id);
       } else {
         refs[b.container].insert({b.offset, b.record_len, b.index, b.fingerprint});
       }
     }
+  }
+  for (const auto& [problem, ids] : problems) {
+    std::string which = "recipe " + SegmentRecipeKey(*ids.begin());
+    if (ids.size() == 2)
+      which =
+          "recipes " + SegmentRecipeKey(*ids.begin()) + " and " + SegmentRecipeKey(*ids.rbegin());
+    if (ids.size() > 2)
+      which = "recipe " + SegmentRecipeKey(*ids.begin()) + " and " +
+              std::to_string(ids.size() - 1) + " others";
+    Error(which + (ids.size() == 1 ? " refers " : " refer ") + problem, SnapshotsUsingRecipes(ids));
   }
   if (!bad_recipes.empty()) {
     auto snaps = SnapshotsUsingRecipes(bad_recipes);
@@ -406,7 +421,8 @@ Status VmCheck::Run() {
       if (referenced) {
         Error("container " + rec.object + ": " + size.status().ToString(),
               SnapshotsUsingContainer(cid));
-        if (size.status().IsNotFound()) Quarantine(cid, size.status().ToString());
+        if (size.status().IsNotFound() || size.status().IsCorruption())
+          Quarantine(cid, size.status().ToString());
       } else {
         Reclaimable("catalogued container " + rec.object + " is missing and unreferenced", 0);
       }
@@ -500,11 +516,29 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
     ASSIGN_OR_RETURN(vms, repo.ListVmDirectories());
   }
   for (const std::string& name : vms) {
-    auto vm = repo.OpenVm(name, Repository::Access::kRead);
+    auto vm = repo.OpenVm(name, Repository::Access::kInspect);
+    const auto wait_until =
+        std::chrono::steady_clock::now() +
+        std::chrono::milliseconds(static_cast<int64_t>(options.lock_wait_seconds * 1000));
+    bool said = false;
+    while (!vm.ok() && vm.status().IsBusy() && std::chrono::steady_clock::now() < wait_until &&
+           !(options.cancel != nullptr && options.cancel->load())) {
+      if (!said && options.progress) options.progress("waiting for VM " + name);
+      said = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      vm = repo.OpenVm(name, Repository::Access::kInspect);
+    }
+    if (!vm.ok() && !vm.status().IsBusy() && !vm.status().IsNotFound() &&
+        !vm.status().IsCorruption()) {
+      // A repository check cannot write to (read-only, another user's): a
+      // read view checks it all the same; quarantines are then reported as
+      // not recorded.
+      auto view = repo.OpenVm(name, Repository::Access::kRead);
+      if (view.ok()) vm = std::move(view);
+    }
     if (!vm.ok()) {
       if (vm.status().IsBusy()) {
-        report.findings.push_back(
-            {CheckFinding::Kind::kSkipped, name, vm.status().message(), {}, 0});
+        report.vms_not_checked.push_back({name, vm.status().message()});
         continue;
       }
       std::error_code ec;

@@ -16,6 +16,7 @@
 // read-only.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -29,6 +30,10 @@ namespace vmdedup {
 struct CheckOptions {
   bool read_data = false;
   std::string vm;  // empty: every VM
+  // How long to wait for a VM that a backup (or another check) holds before
+  // it is left unchecked (CheckReport::vms_not_checked).
+  double lock_wait_seconds = 0;
+  const std::atomic<bool>* cancel = nullptr;  // stops the wait
   std::function<void(const std::string& line)> progress;
 };
 
@@ -50,7 +55,11 @@ struct CheckReport {
   // Damaged containers quarantined by this check (docs/format.md,
   // "Quarantine"): later backups store their blocks afresh.
   uint64_t quarantined = 0;
+  // VMs that were not checked because a backup or another check held them
+  // (after CheckOptions::lock_wait_seconds), each with the holder.
+  std::vector<std::pair<std::string, std::string>> vms_not_checked;
   bool ok() const;
+  bool complete() const { return vms_not_checked.empty(); }
   std::vector<std::string> DamagedSnapshots() const;
 };
 

@@ -2,7 +2,9 @@
 #include "store/file_system.h"
 
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -18,6 +20,12 @@ namespace {
 Status WriteError(int err, const std::string& what) {
   if (err == ENOENT) return Status::IOError(what + ": " + std::strerror(err));
   return Status::FromErrno(err, what);
+}
+
+Status LinkRefused(const std::string& path) {
+  return Status::Corruption(path +
+                            " is a symbolic link: vmdedup never follows links inside a "
+                            "repository (remove it; docs/operations.md, \"Damage\")");
 }
 
 Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& path) {
@@ -111,8 +119,9 @@ class RealFileSystemImpl final : public FileSystem {
   Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                         CreateMode mode) override {
     const int how = mode == CreateMode::kExclusive ? O_EXCL : O_TRUNC;
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | how | O_CLOEXEC, 0644);
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | how | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0 && errno == EEXIST) return Status::Busy("create " + path + ": it exists");
+    if (fd < 0 && errno == ELOOP) return LinkRefused(path);
     if (fd < 0) return WriteError(errno, "create " + path);
     return std::unique_ptr<WritableFile>(new RealWritableFile(fd, path));
   }
@@ -148,10 +157,11 @@ class RealFileSystemImpl final : public FileSystem {
   }
 
   Result<bool> CreateDir(const std::string& path) override {
-    if (::mkdir(path.c_str(), 0755) == 0) return true;
+    if (::mkdir(path.c_str(), 0700) == 0) return true;
     if (errno == EEXIST) {
       struct stat sb;
-      if (::stat(path.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode)) return false;
+      if (::lstat(path.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode)) return false;
+      if (S_ISLNK(sb.st_mode)) return LinkRefused(path);
       return Status::IOError("mkdir " + path + ": exists and is not a directory");
     }
     return WriteError(errno, "mkdir " + path);
@@ -183,6 +193,65 @@ Status MakeDurableDirs(FileSystem& fs, const std::string& root, const std::strin
     RETURN_IF_ERROR(fs.SyncDir(parent));
   }
   return Status::OK();
+}
+
+Result<int> OpenBeneath(const std::string& root, const std::string& rel, int flags, mode_t mode,
+                        const std::string& what) {
+  const std::string path = root + "/" + rel;
+  auto failed = [&](int err) -> Status {
+    if (err == ELOOP || err == EXDEV)
+      return Status::Corruption(path +
+                                " is, or passes through, a symbolic link: vmdedup never follows "
+                                "links inside a repository (remove it; docs/operations.md, "
+                                "\"Damage\")");
+    return Status::FromErrno(err, what.empty() ? path : what);
+  };
+  if (rel.empty() || rel[0] == '/') return Status::InvalidArgument("bad path below " + root);
+  int root_fd = ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (root_fd < 0) return Status::FromErrno(errno, root);
+  open_how how;
+  std::memset(&how, 0, sizeof(how));
+  how.flags = static_cast<uint64_t>(flags | O_NOFOLLOW | O_CLOEXEC);
+  how.mode = (flags & O_CREAT) != 0 ? mode : 0;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  long fd = ::syscall(SYS_openat2, root_fd, rel.c_str(), &how, sizeof(how));
+  int err = fd < 0 ? errno : 0;
+  if (fd < 0 && (err == ENOSYS || err == EPERM)) {
+    // No openat2 (Linux < 5.6, or filtered): one openat per component,
+    // none of them followed.
+    int dir = ::dup(root_fd);
+    size_t start = 0;
+    fd = -1;
+    err = dir < 0 ? errno : 0;
+    while (dir >= 0) {
+      const size_t slash = rel.find('/', start);
+      const std::string part = rel.substr(start, slash - start);
+      if (part == "..") {
+        err = EXDEV;
+        break;
+      }
+      if (slash == std::string::npos) {
+        fd = ::openat(dir, part.c_str(), flags | O_NOFOLLOW | O_CLOEXEC, mode);
+        err = fd < 0 ? errno : 0;
+        break;
+      }
+      int next = ::openat(dir, part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      err = next < 0 ? errno : 0;
+      ::close(dir);
+      dir = next;
+      start = slash + 1;
+    }
+    if (dir >= 0) ::close(dir);
+  }
+  ::close(root_fd);
+  if (fd < 0) return failed(err);
+  // O_PATH | O_NOFOLLOW opens a trailing link itself rather than failing.
+  struct stat sb;
+  if ((flags & O_PATH) != 0 && ::fstat(static_cast<int>(fd), &sb) == 0 && S_ISLNK(sb.st_mode)) {
+    ::close(static_cast<int>(fd));
+    return failed(ELOOP);
+  }
+  return static_cast<int>(fd);
 }
 
 FileSystem* RealFileSystem() {

@@ -16,6 +16,8 @@
 // WritableFile is used by one thread at a time.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -45,8 +47,9 @@ class FileSystem {
     kExclusive,  // the file must not exist (AlreadyExists: Busy)
     kTruncate,   // a new empty file replaces whatever is there
   };
-  // Creates `path` for writing (mode 0644). kExclusive on an existing file
-  // is Busy, so that callers can pick another name.
+  // Creates `path` for writing (mode 0600), never through a symbolic link
+  // at `path` (Corruption). kExclusive on an existing file is Busy, so that
+  // callers can pick another name.
   virtual Result<std::unique_ptr<WritableFile>> NewWritableFile(const std::string& path,
                                                                 CreateMode mode) = 0;
   enum class RenameMode {
@@ -56,8 +59,9 @@ class FileSystem {
   virtual Status Rename(const std::string& from, const std::string& to, RenameMode mode) = 0;
   // Removes a file; a missing one is OK.
   virtual Status Remove(const std::string& path) = 0;
-  // Creates one directory (mode 0755); returns false when it already
-  // existed. Its parent must exist.
+  // Creates one directory (mode 0700); returns false when it already
+  // existed. Its parent must exist. A symbolic link at `path` is
+  // Corruption, never followed.
   virtual Result<bool> CreateDir(const std::string& path) = 0;
   // fsync of a directory: the entries created, renamed and removed in it so
   // far are durable when it returns OK.
@@ -69,6 +73,17 @@ class FileSystem {
 // also where the directory existed already (another thread or process may
 // have created it and not yet synced its parent).
 Status MakeDurableDirs(FileSystem& fs, const std::string& root, const std::string& rel_dir);
+
+// Opens `rel` ("vms/a/lock") below the directory `root` with open(2)'s
+// `flags` and `mode`, never through a symbolic link: every component of
+// `rel` must be a real directory or file, and `..` cannot leave `root`
+// (openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; one openat per
+// component with O_NOFOLLOW where the kernel has no openat2). A link is
+// Corruption naming the path; other errors as Status::FromErrno(errno,
+// `what`) (default: the path), so a missing file is NotFound. `root` itself
+// may be reached through links: the user names it. The caller closes the fd.
+Result<int> OpenBeneath(const std::string& root, const std::string& rel, int flags, mode_t mode = 0,
+                        const std::string& what = "");
 
 // The real file system (POSIX calls). Appends of 1 MiB and more are written
 // with O_DIRECT where the file system accepts it (a new container is not

@@ -5,15 +5,18 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "leveldb/cache.h"
 #include "leveldb/db.h"
 #include "leveldb/filter_policy.h"
 #include "leveldb/write_batch.h"
 #include "store/leveldb_log_scan.h"
+#include "store/leveldb_read_view.h"
 #include "store/metadata_store.h"
 
 namespace vmdedup {
@@ -41,10 +44,17 @@ bool StartsWith(const leveldb::Slice& s, std::string_view prefix) {
 
 class LevelDbMetadataStore final : public MetadataStore {
  public:
+  // `view_env`: the Env of a read view (null for the store itself).
   LevelDbMetadataStore(std::string path, std::unique_ptr<leveldb::Cache> cache,
-                       std::unique_ptr<const leveldb::FilterPolicy> filter, leveldb::DB* db)
-      : path_(std::move(path)), cache_(std::move(cache)), filter_(std::move(filter)), db_(db) {}
-  // The DB goes first: it uses the cache and the filter policy until closed.
+                       std::unique_ptr<const leveldb::FilterPolicy> filter, leveldb::DB* db,
+                       std::unique_ptr<leveldb::Env> view_env)
+      : path_(std::move(path)),
+        view_env_(std::move(view_env)),
+        cache_(std::move(cache)),
+        filter_(std::move(filter)),
+        db_(db) {}
+  // The DB goes first: it uses the cache, the filter policy and the Env
+  // until closed.
   ~LevelDbMetadataStore() override { db_.reset(); }
 
   Status Get(std::string_view key, std::string* value) override {
@@ -56,6 +66,9 @@ class LevelDbMetadataStore final : public MetadataStore {
   }
 
   Status Write(const WriteBatch& batch, bool sync) override {
+    if (view_env_ != nullptr)
+      return Status::NotSupported("metadata store " + path_ +
+                                  " is open as a read view: nothing can be written through it");
     leveldb::WriteBatch wb;
     for (const auto& [key, value] : batch.ops()) {
       if (value) {
@@ -107,6 +120,7 @@ class LevelDbMetadataStore final : public MetadataStore {
 
  private:
   std::string path_;
+  std::unique_ptr<leveldb::Env> view_env_;  // destroyed last (declared first)
   std::unique_ptr<leveldb::Cache> cache_;
   std::unique_ptr<const leveldb::FilterPolicy> filter_;
   std::unique_ptr<leveldb::DB> db_;
@@ -114,9 +128,13 @@ class LevelDbMetadataStore final : public MetadataStore {
 
 }  // namespace
 
-Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::string& path,
-                                                                bool create_if_missing,
-                                                                leveldb::Env* env) {
+namespace {
+
+// Opens the store in `path` through `env` (LevelDB's default when null);
+// `view_env`, when given, is the Env of a read view, owned by the store.
+Result<std::unique_ptr<MetadataStore>> OpenStore(const std::string& path, bool create_if_missing,
+                                                 leveldb::Env* env,
+                                                 std::unique_ptr<leveldb::Env> view_env) {
   std::unique_ptr<leveldb::Cache> cache(leveldb::NewLRUCache(kBlockCacheBytes));
   std::unique_ptr<const leveldb::FilterPolicy> filter(
       leveldb::NewBloomFilterPolicy(kBloomBitsPerKey));
@@ -128,6 +146,7 @@ Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::strin
   options.write_buffer_size = kWriteBufferBytes;
   options.max_open_files = kMaxOpenFiles;
   if (env != nullptr) options.env = env;
+  if (view_env != nullptr) options.env = view_env.get();
   leveldb::DB* db = nullptr;
   leveldb::Status s = leveldb::DB::Open(options, path, &db);
   if (s.IsCorruption()) {
@@ -156,7 +175,9 @@ Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::strin
     // process") or another (fcntl: "Resource temporarily unavailable"), as
     // IOError "lock PATH/LOCK: ...".
     if (s.IsIOError() && msg.find("lock ") != std::string::npos &&
-        msg.find("/LOCK") != std::string::npos) {
+        msg.find("/LOCK") != std::string::npos &&
+        (msg.find("already held") != std::string::npos ||
+         msg.find("temporarily unavailable") != std::string::npos)) {
       return Status::Busy("metadata store " + path +
                           " is in use (its LOCK is held by another process or handle): " + msg);
     }
@@ -166,7 +187,32 @@ Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::strin
     return FromLevelDb(s, path);
   }
   return std::unique_ptr<MetadataStore>(
-      new LevelDbMetadataStore(path, std::move(cache), std::move(filter), db));
+      new LevelDbMetadataStore(path, std::move(cache), std::move(filter), db, std::move(view_env)));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::string& path,
+                                                                bool create_if_missing,
+                                                                leveldb::Env* env) {
+  return OpenStore(path, create_if_missing, env, nullptr);
+}
+
+Result<std::unique_ptr<MetadataStore>> OpenLevelDbReadView(const std::string& path,
+                                                           leveldb::Env* env) {
+  leveldb::Env* base = env != nullptr ? env : leveldb::Env::Default();
+  // A writer may be switching to a new MANIFEST, or appending to it, while
+  // the view reads it: what fails then (a file gone, a record cut short)
+  // is tried again a few times before it is reported.
+  constexpr int kAttempts = 5;
+  for (int attempt = 1;; attempt++) {
+    ASSIGN_OR_RETURN(std::unique_ptr<leveldb::Env> view_env, NewLevelDbReadViewEnv(path, base));
+    auto store = OpenStore(path, /*create_if_missing=*/false, base, std::move(view_env));
+    if (store.ok() || attempt >= kAttempts || store.status().IsNotFound() ||
+        store.status().IsInvalidArgument())
+      return store;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100 * attempt));
+  }
 }
 
 }  // namespace vmdedup

@@ -210,8 +210,7 @@ class LocalObjectStore final : public ObjectStore {
   Status Get(const std::string& name, std::string* out) override {
     RETURN_IF_ERROR(ValidateObjectName(name));
     std::string path = Path(name);
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return Status::FromErrno(errno, "object " + name);
+    ASSIGN_OR_RETURN(int fd, OpenBeneath(root_, name, O_RDONLY, 0, "object " + name));
     FdCloser closer(fd);
     struct stat sb;
     if (::fstat(fd, &sb) != 0) return Status::FromErrno(errno, "stat " + path);
@@ -232,8 +231,7 @@ class LocalObjectStore final : public ObjectStore {
   Result<std::unique_ptr<ObjectReader>> OpenReader(const std::string& name) override {
     RETURN_IF_ERROR(ValidateObjectName(name));
     std::string path = Path(name);
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return Status::FromErrno(errno, "object " + name);
+    ASSIGN_OR_RETURN(int fd, OpenBeneath(root_, name, O_RDONLY, 0, "object " + name));
     FdCloser closer(fd);
     struct stat sb;
     if (::fstat(fd, &sb) != 0) return Status::FromErrno(errno, "stat " + path);
@@ -245,8 +243,12 @@ class LocalObjectStore final : public ObjectStore {
 
   Result<uint64_t> Size(const std::string& name) override {
     RETURN_IF_ERROR(ValidateObjectName(name));
+    ASSIGN_OR_RETURN(int fd, OpenBeneath(root_, name, O_PATH, 0, "object " + name));
     struct stat sb;
-    if (::stat(Path(name).c_str(), &sb) != 0) return Status::FromErrno(errno, "object " + name);
+    const int rc = ::fstat(fd, &sb);
+    const int err = errno;
+    ::close(fd);
+    if (rc != 0) return Status::FromErrno(err, "stat " + Path(name));
     if (!S_ISREG(sb.st_mode)) return Status::NotFound("object " + name + ": not a file");
     return static_cast<uint64_t>(sb.st_size);
   }

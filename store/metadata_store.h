@@ -76,4 +76,13 @@ Result<std::unique_ptr<MetadataStore>> OpenLevelDbMetadataStore(const std::strin
                                                                 bool create_if_missing,
                                                                 leveldb::Env* env = nullptr);
 
+// A read view of the LevelDB store in `path` (store/leveldb_read_view.h):
+// never writes to it and never takes or waits for its LOCK, so that it
+// opens on a read-only file system and while a backup writes the store
+// (the view is the store as of the call). Write is NotSupported. NotFound
+// when there is no store; a failure to open (a writer switching files
+// meanwhile) is retried a few times before it is returned.
+Result<std::unique_ptr<MetadataStore>> OpenLevelDbReadView(const std::string& path,
+                                                           leveldb::Env* env = nullptr);
+
 }  // namespace vmdedup

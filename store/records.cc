@@ -22,10 +22,11 @@ enum RecordType : uint8_t {
 };
 // The record version each type is written with; a reader accepts 1 up to it.
 // Snapshots: 2 appends the CDS version, 3 the source format (written only
-// when there is one). Segment recipes: 2 appends each block's index in its
+// when there is one), 4 the image's exact length (only when it is not the
+// virtual size). Segment recipes: 2 appends each block's index in its
 // record (written only when one is not 0).
 uint8_t CurrentVersion(RecordType type) {
-  if (type == kSnapshot) return 3;
+  if (type == kSnapshot) return 4;
   return type == kSegmentRecipe ? 2 : 1;
 }
 
@@ -172,7 +173,8 @@ Status ValidateName(std::string_view what, std::string_view name) {
 std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
   // Without a source format the record is version 2, as a repository of
   // format version 1 needs for an older vmdedup to read it.
-  ByteWriter w = Begin(kSnapshot, r.source_format.empty() ? 2 : 3);
+  const bool odd_length = r.image_bytes != 0 && r.image_bytes != r.size;
+  ByteWriter w = Begin(kSnapshot, odd_length ? 4 : r.source_format.empty() ? 2 : 3);
   w.String(r.vm);
   w.String(r.disk);
   w.Varint(r.seq);
@@ -190,8 +192,9 @@ std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
   w.String(r.source);
   w.String(r.read_mode);
   w.String(r.bitmap);
-  w.Varint(r.cds_version);                                  // record version 2
-  if (!r.source_format.empty()) w.String(r.source_format);  // record version 3
+  w.Varint(r.cds_version);                                                // record version 2
+  if (!r.source_format.empty() || odd_length) w.String(r.source_format);  // version 3
+  if (odd_length) w.Varint(r.image_bytes);                                // version 4
   return Seal(key, w);
 }
 
@@ -226,7 +229,14 @@ Status DecodeSnapshot(std::string_view key, std::string_view value, SnapshotReco
   r->cds_version = 0;
   r->source_format.clear();
   if (version >= 2) RETURN_IF_ERROR(in.Varint(&r->cds_version));
+  r->image_bytes = 0;
   if (version >= 3) RETURN_IF_ERROR(in.String(&r->source_format));
+  if (version >= 4) {
+    RETURN_IF_ERROR(in.Varint(&r->image_bytes));
+    if (r->image_bytes > r->size || r->size - r->image_bytes >= 512)
+      return Status::Corruption(in.what() + ": image bytes " + std::to_string(r->image_bytes) +
+                                " do not round up to the size " + std::to_string(r->size));
+  }
   if (r->segment_size == 0) return Status::Corruption(in.what() + ": segment size 0");
   if (r->segment_count != (r->size + r->segment_size - 1) / r->segment_size)
     return Status::Corruption(in.what() + ": segment count does not match the size");

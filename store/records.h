@@ -58,6 +58,9 @@ struct SnapshotRecord {
   // live sources, in repositories of format version 1 and in records
   // before version 3.
   std::string source_format;
+  // The raw image file's exact length when it is no multiple of 512 (the
+  // virtual size is rounded up to a sector, as QEMU does); 0: the size.
+  uint64_t image_bytes = 0;
   std::string Id() const { return vm + "/" + disk + "/" + std::to_string(seq); }
 };
 

@@ -1,17 +1,17 @@
 #include "store/repository.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "base/crc32c.h"
 #include "base/encoding.h"
@@ -124,28 +124,98 @@ void ReleaseLockFile(int fd) {
   ::close(fd);
 }
 
-std::string ReadLockHolder(const std::string& lock_path) {
-  std::ifstream in(lock_path);
-  std::string pid;
-  std::getline(in, pid);
-  return pid.empty() ? "another process" : "process " + pid;
+// `rel` names the lock file below the repository `root`.
+std::string ReadLockHolder(const std::string& root, const std::string& rel) {
+  auto fd = OpenBeneath(root, rel, O_RDONLY);
+  if (!fd.ok()) return "another process";
+  char buf[32] = {};
+  ssize_t n = ::pread(*fd, buf, sizeof(buf) - 1, 0);
+  ::close(*fd);
+  std::string pid(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  pid = pid.substr(0, pid.find('\n'));
+  if (pid.empty() || pid.find_first_not_of("0123456789") != std::string::npos)
+    return "another process";
+  return "process " + pid;
+}
+
+// Opens (creating, mode 0600) and locks the lock file `rel` below `root`,
+// never through a link. Busy when another process holds it.
+Result<int> TakeLockFile(const std::string& root, const std::string& rel) {
+  ASSIGN_OR_RETURN(int fd, OpenBeneath(root, rel, O_RDWR | O_CREAT, 0600));
+  struct stat sb;
+  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    ::close(fd);
+    return Status::Corruption(root + "/" + rel + " is not a regular file");
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    ::close(fd);
+    if (err == EWOULDBLOCK) return Status::Busy(ReadLockHolder(root, rel));
+    return Status::FromErrno(err, "lock " + root + "/" + rel);
+  }
+  WriteLockHolder(fd);
+  return fd;
+}
+
+// A VM's directory and its metadata directory must be real directories,
+// and everything in the latter a regular file: LevelDB opens and creates
+// files there by name, and would follow a link planted by whoever can
+// write the repository (root truncating any file). Corruption names the
+// entry; NotFound when `vms/VM/meta` does not exist.
+Status RefuseLinksInVm(const std::string& root, const std::string& vm) {
+  for (const std::string& rel : {"vms/" + vm, "vms/" + vm + "/data"}) {
+    struct stat sb;
+    const std::string path = root + "/" + rel;
+    if (::lstat(path.c_str(), &sb) != 0) continue;  // missing: nothing to follow
+    if (!S_ISDIR(sb.st_mode))
+      return Status::Corruption(
+          path + (S_ISLNK(sb.st_mode) ? " is a symbolic link" : " is not a directory") +
+          ": vmdedup never follows links inside a repository (remove it; "
+          "docs/operations.md, \"Damage\")");
+  }
+  ASSIGN_OR_RETURN(int dir_fd, OpenBeneath(root, "vms/" + vm + "/meta", O_RDONLY | O_DIRECTORY));
+  DIR* d = ::fdopendir(dir_fd);
+  if (d == nullptr) {
+    ::close(dir_fd);
+    return Status::FromErrno(errno, "list " + root + "/vms/" + vm + "/meta");
+  }
+  Status st;
+  while (struct dirent* e = ::readdir(d)) {
+    const std::string_view name = e->d_name;
+    if (name == "." || name == "..") continue;
+    struct stat sb;
+    if (::fstatat(dir_fd, e->d_name, &sb, AT_SYMLINK_NOFOLLOW) != 0) continue;  // gone
+    if (!S_ISREG(sb.st_mode)) {
+      st = Status::Corruption(
+          root + "/vms/" + vm + "/meta/" + std::string(name) +
+          (S_ISLNK(sb.st_mode) ? " is a symbolic link" : " is not a regular file") +
+          ": the metadata store holds only files, and vmdedup never follows "
+          "links inside a repository (remove it; docs/operations.md, "
+          "\"Damage\")");
+      break;
+    }
+  }
+  ::closedir(d);
+  return st;
 }
 
 // Who holds a VM's metadata open when opening it failed Busy. A writer (a
 // backup) also holds the lock file and wrote its pid there (and empties it
-// when it lets go); a reader (serve, restore, check, snapshots) holds only
-// the metadata, so the lock file names no one then. `we_hold_lock`: the
-// caller is a writer that has just taken the lock file itself.
-std::string MetadataHolder(const std::string& lock_path, bool we_hold_lock) {
+// when it lets go); a check holds only the metadata, so the lock file names
+// no one then. (Readers hold nothing: they read through read views.)
+// `we_hold_lock`: the caller is a writer that has just taken the lock file
+// itself.
+std::string MetadataHolder(const std::string& root, const std::string& lock_rel,
+                           bool we_hold_lock) {
   if (!we_hold_lock) {
-    int fd = ::open(lock_path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-      const bool writer = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
-      ::close(fd);
-      if (writer) return ReadLockHolder(lock_path) + " (a backup of it is running)";
+    auto fd = OpenBeneath(root, lock_rel, O_RDONLY);
+    if (fd.ok()) {
+      const bool writer = ::flock(*fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+      ::close(*fd);
+      if (writer) return ReadLockHolder(root, lock_rel) + " (a backup of it is running)";
     }
   }
-  return "another vmdedup process that reads it (a serve, restore or check)";
+  return "another vmdedup process that inspects it (a check)";
 }
 
 }  // namespace
@@ -200,6 +270,9 @@ Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, 
   for (size_t slash = abs.find('/', 1);; slash = abs.find('/', slash + 1)) {
     const std::string dir = abs.substr(0, slash);
     if (dir.empty()) break;
+    // Directories that exist are the user's (and may be links, as the
+    // repository's own path may): only what is missing is created.
+    if (fs::is_directory(dir, ec)) continue;
     ASSIGN_OR_RETURN(bool created, fsys.CreateDir(dir));
     if (created) RETURN_IF_ERROR(fsys.SyncDir(fs::path(dir).parent_path().string()));
     if (slash == std::string::npos) break;
@@ -215,8 +288,9 @@ Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, 
 Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path,
                                                      RepositoryOptions options) {
   std::string cfg_path = path + "/" + kConfigFile;
-  std::ifstream in(cfg_path, std::ios::binary);
-  if (!in) {
+  auto cfg_fd = OpenBeneath(path, kConfigFile, O_RDONLY);
+  if (!cfg_fd.ok()) {
+    if (!cfg_fd.status().IsNotFound()) return cfg_fd.status();
     std::error_code ec;
     if (!fs::exists(path, ec))
       return Status::NotFound("repository " + path +
@@ -224,7 +298,15 @@ Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path,
     return Status::NotFound(path + " is not a vmdedup repository (no " + kConfigFile +
                             "); create one with 'vmdedup init'");
   }
-  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string data;
+  {
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(*cfg_fd, buf, sizeof(buf))) > 0) data.append(buf, static_cast<size_t>(n));
+    const int err = errno;
+    ::close(*cfg_fd);
+    if (n < 0) return Status::FromErrno(err, "read " + cfg_path);
+  }
   RepoConfig config;
   RETURN_IF_ERROR(DecodeConfig(data, cfg_path, &config));
   std::unique_ptr<Repository> repo(new Repository(path, config, std::move(options)));
@@ -242,7 +324,9 @@ Result<std::vector<std::string>> Repository::ListVms() {
   std::vector<std::string> vms;
   std::error_code ec;
   for (const std::string& vm : dirs)
-    if (fs::exists(path_ + "/vms/" + vm + "/meta/CURRENT", ec)) vms.push_back(vm);
+    if (!fs::is_symlink(path_ + "/vms/" + vm, ec) &&
+        fs::exists(path_ + "/vms/" + vm + "/meta/CURRENT", ec))
+      vms.push_back(vm);
   return vms;
 }
 
@@ -250,8 +334,12 @@ Result<std::vector<std::string>> Repository::ListVmDirectories() {
   std::vector<std::string> vms;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(path_ + "/vms", ec)) {
+    // Links are listed too, for check to report: OpenVm refuses them.
     const std::string name = entry.path().filename().string();
-    if (entry.is_directory() && ValidateName("VM", name).ok()) vms.push_back(name);
+    std::error_code sec;
+    const auto st = entry.symlink_status(sec);
+    if ((fs::is_directory(st) || fs::is_symlink(st)) && ValidateName("VM", name).ok())
+      vms.push_back(name);
   }
   if (ec) return Status::FromErrno(ec.value(), "list " + path_ + "/vms");
   std::sort(vms.begin(), vms.end());
@@ -261,28 +349,30 @@ Result<std::vector<std::string>> Repository::ListVmDirectories() {
 Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Access access) {
   RETURN_IF_ERROR(ValidateName("VM", vm));
   std::string dir = path_ + "/vms/" + vm;
-  std::string lock_path = dir + "/lock";
   std::error_code ec;
   int lock_fd = -1;
-  if (access == Access::kRead) {
-    if (!fs::exists(dir + "/meta", ec))
+  if (access != Access::kWrite) {
+    Status links = RefuseLinksInVm(path_, vm);
+    if (links.IsNotFound())
       return Status::NotFound("VM '" + vm + "' has no backups in repository " + path_);
+    RETURN_IF_ERROR(links);
   } else {
     // The VM's directory and its metadata's: LevelDB syncs what it writes
     // inside the latter, but not its entry, so both are made durable here.
     RETURN_IF_ERROR(MakeDurableDirs(*fs_, path_, "vms/" + vm + "/meta")
                         .WithContext("create the directories of VM '" + vm + "'"));
-    lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (lock_fd < 0) return Status::FromErrno(errno, "open " + lock_path);
-    if (::flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
-      int err = errno;
-      ::close(lock_fd);
-      if (err == EWOULDBLOCK)
-        return Status::Busy("VM '" + vm + "' is locked by " + ReadLockHolder(lock_path) +
+    auto lock = TakeLockFile(path_, "vms/" + vm + "/lock");
+    if (!lock.ok()) {
+      if (lock.status().IsBusy())
+        return Status::Busy("VM '" + vm + "' is locked by " + lock.status().message() +
                             " (a backup of it is running); wait for it to finish");
-      return Status::FromErrno(err, "lock " + lock_path);
+      return lock.status();
     }
-    WriteLockHolder(lock_fd);
+    lock_fd = *lock;
+    if (Status links = RefuseLinksInVm(path_, vm); !links.ok()) {
+      ReleaseLockFile(lock_fd);
+      return links;
+    }
     // A new metadata store is made only for a VM that has nothing stored: a
     // VM whose containers outlived its metadata (meta/CURRENT or all of
     // meta/ lost) is damaged, and a fresh store would bury its history.
@@ -304,12 +394,15 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     }
   }
   auto meta =
-      OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite, options_.leveldb_env);
+      access == Access::kRead
+          ? OpenLevelDbReadView(dir + "/meta", options_.leveldb_env)
+          : OpenLevelDbMetadataStore(dir + "/meta", access == Access::kWrite, options_.leveldb_env);
   if (!meta.ok()) {
     if (lock_fd >= 0) ReleaseLockFile(lock_fd);
     if (meta.status().IsBusy())
       return Status::Busy("VM '" + vm + "' is in use by " +
-                          MetadataHolder(lock_path, lock_fd >= 0) + "; retry when it has finished");
+                          MetadataHolder(path_, "vms/" + vm + "/lock", lock_fd >= 0) +
+                          "; retry when it has finished");
     return meta.status().WithContext("open metadata of VM '" + vm + "'");
   }
   std::unique_ptr<MetadataStore> store = std::move(meta).value();
@@ -337,20 +430,15 @@ RepoLock::~RepoLock() {
 }
 
 Result<std::unique_ptr<RepoLock>> Repository::LockCds() {
-  std::string lock_path = path_ + "/cds/lock";
   RETURN_IF_ERROR(MakeDurableDirs(*fs_, path_, "cds"));
-  int fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::FromErrno(errno, "open " + lock_path);
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    int err = errno;
-    ::close(fd);
-    if (err == EWOULDBLOCK)
+  auto fd = TakeLockFile(path_, "cds/lock");
+  if (!fd.ok()) {
+    if (fd.status().IsBusy())
       return Status::Busy("another cds build is running on " + path_ + " (" +
-                          ReadLockHolder(lock_path) + "); wait for it to finish");
-    return Status::FromErrno(err, "lock " + lock_path);
+                          fd.status().message() + "); wait for it to finish");
+    return fd.status();
   }
-  WriteLockHolder(fd);
-  return std::unique_ptr<RepoLock>(new RepoLock(fd));
+  return std::unique_ptr<RepoLock>(new RepoLock(*fd));
 }
 
 VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd,

@@ -10,8 +10,12 @@
 //                                on the repository (LockCds); holds its pid
 //
 // VM-centric isolation: each VM has its own metadata and containers, so one
-// VM's backups never coordinate with another's. A Repository is used by one
-// thread; a VmStore's MetadataStore is thread-safe, its counters are not.
+// VM's backups never coordinate with another's. Within a VM, one writer
+// (Access::kWrite) at a time; readers open read views (Access::kRead) that
+// neither wait for nor block it (docs/architecture.md, "Readers and
+// writers"). Nothing below REPO is ever opened through a symbolic link, and
+// what is created is mode 0600 (directories 0700). A Repository is used by
+// one thread; a VmStore's MetadataStore is thread-safe, its counters are not.
 //
 // Every write to the local disk goes through a FileSystem (the objects, the
 // configuration record, the directories, each made durable before anything
@@ -112,7 +116,13 @@ class Repository {
   Result<std::vector<std::string>> ListVmDirectories();
 
   enum class Access {
-    kRead,   // existing VM only; fails Busy if a writer holds it
+    // Existing VM only, as a read view (store/leveldb_read_view.h): the
+    // VM as of the call, never waiting for nor blocking a backup, also on
+    // a read-only repository; nothing can be written through it.
+    kRead,
+    // Existing VM only, its metadata store opened itself, for check (which
+    // records quarantines): Busy while a backup or another check holds it.
+    kInspect,
     kWrite,  // creates the VM; takes its lock (Busy if held)
   };
   Result<std::unique_ptr<VmStore>> OpenVm(const std::string& vm, Access access);

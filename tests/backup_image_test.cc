@@ -754,6 +754,24 @@ TEST_F(BackupImageTest, NbdServerGoneMidBackupFailsCleanly) {
   Backup();
 }
 
+TEST_F(BackupImageTest, AFailedFirstBackupLeavesNoVmInStatsOrSnapshots) {
+  MakeImage(8 * kMiB, 1 * kMiB, 13);
+  Backup();
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "ghost", "--disk", "vda",
+                    "nbd+unix:///?socket=" + dir_.Sub("nobody-listens.sock")});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  r = Vmdedup({"stats", "-r", repo_, "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["vms"].size(), 1u) << r.out;
+  EXPECT_EQ(j["vms"][0]["vm"], "vm1");
+  r = Vmdedup({"stats", "-r", repo_});
+  EXPECT_EQ(r.out.find("ghost"), std::string::npos) << r.out;
+  r = Vmdedup({"snapshots", "-r", repo_});
+  EXPECT_EQ(r.out.find("ghost"), std::string::npos) << r.out;
+  ExpectCheckClean();
+}
+
 class BackupImageCdcTest : public BackupImageTest {
  protected:
   BackupImageCdcTest() { chunker_ = "cdc"; }

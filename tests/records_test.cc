@@ -158,9 +158,43 @@ TEST(RecordsTest, SnapshotVersion3CarriesTheSourceFormat) {
   d.source_format = "stale";
   ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
   EXPECT_EQ(d.source_format, "");
-  // A version 4 record is a newer vmdedup's.
-  std::string newer = Reseal(key, 4, v.substr(0, v.size() - 4));
+  // A version 5 record is a newer vmdedup's.
+  std::string newer = Reseal(key, 5, v.substr(0, v.size() - 4));
   EXPECT_EQ(DecodeSnapshot(key, newer, &d).code(), Status::Code::kNotSupported);
+}
+
+// Version 4 appends the exact length of a raw image of odd length (only
+// then); it reads back, must round up to the size, and older versions
+// read as 0 (the size).
+TEST(RecordsTest, SnapshotVersion4CarriesAnOddImageLength) {
+  SnapshotRecord s = SampleSnapshot();
+  s.size = 1000448;  // 1,000,001 bytes rounded up to a sector
+  s.segment_count = 1;
+  s.image_bytes = 1000001;
+  std::string key = SnapshotKey(s.disk, s.seq);
+  std::string v = EncodeSnapshot(key, s);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 4u);
+  SnapshotRecord d;
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_EQ(d.image_bytes, 1000001u);
+  EXPECT_EQ(d.source_format, "");
+  ExpectEveryDamageDetected(key, v, [](const std::string& k, const std::string& val) {
+    SnapshotRecord r;
+    return DecodeSnapshot(k, val, &r);
+  });
+  // Equal to the size: not written (version 3 with a format, else 2).
+  s.image_bytes = s.size;
+  s.source_format = "raw";
+  v = EncodeSnapshot(key, s);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 3u);
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_EQ(d.image_bytes, 0u);
+  // A length that does not round up to the size is Corruption.
+  for (uint64_t bad : {uint64_t{1000448 + 1}, uint64_t{1000448 - 512}}) {
+    s.image_bytes = bad;
+    v = EncodeSnapshot(key, s);
+    EXPECT_TRUE(DecodeSnapshot(key, v, &d).IsCorruption()) << bad;
+  }
 }
 
 TEST(RecordsTest, SnapshotVersion1IsStillReadWithoutCdsVersion) {
@@ -492,15 +526,35 @@ TEST(RepositoryTest, CreateOpenAndLock) {
   third = Status::Aborted("closed");
   {
     // A writer that takes the lock file but finds the metadata held by a
-    // reader fails Busy, and leaves no pid behind in the lock file for a
+    // check fails Busy, and leaves no pid behind in the lock file for a
     // later message to name as the holder.
-    auto reader = (*again)->OpenVm("vm1", Repository::Access::kRead);
-    ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+    auto inspector = (*again)->OpenVm("vm1", Repository::Access::kInspect);
+    ASSERT_TRUE(inspector.ok()) << inspector.status().ToString();
     auto blocked = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
     ASSERT_TRUE(blocked.status().IsBusy()) << blocked.status().ToString();
-    EXPECT_NE(blocked.status().message().find("reads it"), std::string::npos)
+    EXPECT_NE(blocked.status().message().find("inspects it"), std::string::npos)
         << blocked.status().ToString();
     EXPECT_EQ(lock_file(), "") << "the failed writer's pid stayed in the lock file";
+  }
+  {
+    // A reader (a read view) neither waits for nor blocks a writer, sees
+    // the VM as it was when it opened, and writes nothing.
+    auto before = (*again)->OpenVm("vm1", Repository::Access::kRead);
+    ASSERT_TRUE(before.ok()) << before.status().ToString();
+    auto writer = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
+    ASSERT_TRUE(writer.ok()) << writer.status().ToString();
+    auto during = (*again)->OpenVm("vm1", Repository::Access::kRead);
+    ASSERT_TRUE(during.ok()) << during.status().ToString();
+    const uint64_t next = *(*during)->GetCounter("container");
+    auto more = (*writer)->AllocateContainerIds(16);
+    ASSERT_TRUE(more.ok()) << more.status().ToString();
+    EXPECT_EQ(*(*during)->GetCounter("container"), next);  // as of its opening
+    auto after = (*again)->OpenVm("vm1", Repository::Access::kRead);
+    ASSERT_TRUE(after.ok()) << after.status().ToString();
+    EXPECT_EQ(*(*after)->GetCounter("container"), *more + 16);
+    EXPECT_EQ((*during)->AllocateContainerId().status().code(), Status::Code::kNotSupported);
+    // A check's open of it waits for no one either: it is Busy.
+    EXPECT_TRUE((*again)->OpenVm("vm1", Repository::Access::kInspect).status().IsBusy());
   }
   auto vms = (*again)->ListVms();
   ASSERT_TRUE(vms.ok());
@@ -743,7 +797,7 @@ TEST(RepositoryTest, AVmDirectoryWithoutAMetadataStoreIsALeftoverOrDamage) {
   EXPECT_TRUE(damage) << "a VM with containers and no metadata must be reported as damaged";
 }
 
-TEST(RepositoryTest, BusyNamesAWriterOrAReader) {
+TEST(RepositoryTest, BusyNamesAWriterOrACheck) {
   testing::ScratchDir dir;
   RepoConfig cfg;
   auto repo = Repository::Create(dir.Sub("repo"), cfg);
@@ -752,22 +806,24 @@ TEST(RepositoryTest, BusyNamesAWriterOrAReader) {
   {
     auto writer = (*repo)->OpenVm("vm1", Repository::Access::kWrite);
     ASSERT_TRUE(writer.ok()) << writer.status().ToString();
-    auto reader = (*repo)->OpenVm("vm1", Repository::Access::kRead);
-    ASSERT_TRUE(reader.status().IsBusy()) << reader.status().ToString();
-    EXPECT_NE(reader.status().message().find(self + " (a backup of it is running)"),
+    auto inspector = (*repo)->OpenVm("vm1", Repository::Access::kInspect);
+    ASSERT_TRUE(inspector.status().IsBusy()) << inspector.status().ToString();
+    EXPECT_NE(inspector.status().message().find(self + " (a backup of it is running)"),
               std::string::npos)
-        << reader.status().ToString();
+        << inspector.status().ToString();
   }
-  auto reader = (*repo)->OpenVm("vm1", Repository::Access::kRead);
-  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
-  for (auto access : {Repository::Access::kWrite, Repository::Access::kRead}) {
+  auto inspector = (*repo)->OpenVm("vm1", Repository::Access::kInspect);
+  ASSERT_TRUE(inspector.ok()) << inspector.status().ToString();
+  for (auto access : {Repository::Access::kWrite, Repository::Access::kInspect}) {
     auto other = (*repo)->OpenVm("vm1", access);
     ASSERT_TRUE(other.status().IsBusy()) << other.status().ToString();
     const std::string& m = other.status().message();
-    EXPECT_NE(m.find("a serve, restore or check"), std::string::npos) << m;
+    EXPECT_NE(m.find("a check"), std::string::npos) << m;
     EXPECT_EQ(m.find("backup of it is running"), std::string::npos) << m;
     EXPECT_EQ(m.find(self), std::string::npos) << m;
   }
+  // Readers are never Busy.
+  EXPECT_TRUE((*repo)->OpenVm("vm1", Repository::Access::kRead).ok());
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // End-to-end tests of what `vmdedup restore --to PATH` writes to: new images
-// get mode 0600 (or --mode) whatever the umask; an existing block device is
+// get mode 0600 (or --mode) whatever the umask, and a raw image of odd length
+// its exact length; an existing block device is
 // written in place (as root, on a loop device); directories, FIFOs,
 // character devices, symbolic links to files and an empty path are refused
 // and left as they were.
@@ -112,6 +113,30 @@ TEST_F(RestoreTargetTest, ANewImageIsPrivateWhateverTheUmask) {
     EXPECT_NE(r.err.find("--mode"), std::string::npos) << r.err;
     EXPECT_EQ(ModeOf(dir_.Sub("bad.raw")), ~0u) << bad;
   }
+}
+
+// QEMU (and vmdedup) round a raw file's size up to a sector; the restore
+// is the file, to its last byte.
+TEST_F(RestoreTargetTest, ARawImageOfOddLengthRestoresToItsExactLength) {
+  const std::string odd = dir_.Sub("odd.raw");
+  const std::string bytes = RandomBytes(1000001, 31);
+  ASSERT_TRUE(WriteFileBytes(odd, bytes));
+  auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm2", "--disk", "vda", "raw:" + odd});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Vmdedup({"snapshots", "-r", repo_, "--vm", "vm2", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"image_bytes\":1000001"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"size\":1000448"), std::string::npos) << r.out;
+  const std::string out = dir_.Sub("odd-restored.raw");
+  r = Vmdedup({"restore", "-r", repo_, "vm2/vda/1", "--to", out});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ReadFileBytes(out), bytes);
+  // A qcow2 restore has whole sectors (the padding reads as zeros).
+  const std::string qcow2 = dir_.Sub("odd-restored.qcow2");
+  r = Vmdedup({"restore", "-r", repo_, "vm2/vda/1", "--to", qcow2, "--format", "qcow2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto cmp = RunCommand({"qemu-img", "compare", "-f", "raw", "-F", "qcow2", odd, qcow2});
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
 }
 
 TEST_F(RestoreTargetTest, WhatIsNeitherAFileNorABlockDeviceIsRefusedAndLeftAlone) {

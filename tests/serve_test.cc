@@ -494,10 +494,17 @@ TEST_F(ServeTest, LatestOnAGivenSocketAndSigint) {
   MustRun({"nbdcopy", server.uri(), out});
   EXPECT_EQ(FileSha256(out), w().snap2_sha);
 
-  // The VM is held while served: a second server of it is refused as locked.
-  auto second = RunCommand({VmdedupBinary(), "serve", "-r", w().repo, "vm1/vda/1"});
-  EXPECT_EQ(second.exit_code, 4) << second.err;
-  // So is the socket.
+  // A server holds no lock on the VM: a second server of it runs at the
+  // same time and serves its own snapshot exactly.
+  {
+    Server second({"-r", w().repo, "vm1/vda/1"}, dir_.Sub("serve2.log"));
+    ASSERT_TRUE(second.ready()) << second.log();
+    std::string out1 = dir_.Sub("copy1.raw");
+    MustRun({"nbdcopy", second.uri(), out1});
+    EXPECT_EQ(FileSha256(out1), w().snap1_sha);
+    EXPECT_EQ(second.Stop(SIGTERM), 0) << second.log();
+  }
+  // Its socket is refused to another server.
   auto same =
       RunCommand({VmdedupBinary(), "serve", "-r", w().repo, "vm1/vda/1", "--socket", socket});
   EXPECT_NE(same.exit_code, 0);
@@ -698,30 +705,47 @@ TEST_F(ServeTest, QemuRunsOnAnOverlayOfTheExportAndBlockStreamFinishesTheCopy) {
   EXPECT_EQ(nlohmann::json::parse(img.out).count("backing-filename"), 0u) << img.out;
 }
 
-TEST_F(ServeTest, TcpOnLoopbackAndTlsPsk) {
+TEST_F(ServeTest, TcpNeedsTlsPskOrInsecureTcp) {
   unsigned port = FreePort();
+  // Any TCP listener, loopback included, needs TLS or an explicit
+  // --insecure-tcp: any local user can connect to a loopback port.
+  for (const std::string bind : {"127.0.0.1", "0.0.0.0"}) {
+    auto r = RunCommand({VmdedupBinary(), "serve", "-r", w().repo, "vm1/vda/1", "--port",
+                         std::to_string(port), "--bind", bind});
+    EXPECT_EQ(r.exit_code, 2) << bind;
+    EXPECT_NE(r.err.find("requires --tls-psk FILE"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("--insecure-tcp"), std::string::npos) << r.err;
+  }
   {
-    Server server({"-r", w().repo, "vm1/vda/1", "--port", std::to_string(port)},
+    Server server({"-r", w().repo, "vm1/vda/1", "--port", std::to_string(port), "--insecure-tcp"},
                   dir_.Sub("tcp.log"));
     ASSERT_TRUE(server.ready()) << server.log();
     EXPECT_EQ(server.uri(), "nbd://127.0.0.1:" + std::to_string(port));
+    EXPECT_NE(server.log().find("without TLS (--insecure-tcp)"), std::string::npos) << server.log();
     auto size = RunCommand({"nbdinfo", "--size", server.uri()});
     EXPECT_EQ(size.out, std::to_string(kImageSize) + "\n") << size.err;
     EXPECT_EQ(server.Stop(), 0);
   }
-  // Beyond loopback only with TLS.
-  auto r = RunCommand({VmdedupBinary(), "serve", "-r", w().repo, "vm1/vda/1", "--port",
-                       std::to_string(port), "--bind", "0.0.0.0"});
-  EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.err.find("--tls-psk"), std::string::npos) << r.err;
 
   std::string psk = dir_.Sub("keys.psk");
   WriteFileBytes(psk, "alice:000102030405060708090a0b0c0d0e0f\n");
+  // A key file others can read is served, with a warning.
+  chmod(psk.c_str(), 0644);
+  port = FreePort();
+  {
+    Server loose({"-r", w().repo, "vm1/vda/1", "--port", std::to_string(port), "--tls-psk", psk},
+                 dir_.Sub("loose.log"));
+    ASSERT_TRUE(loose.ready()) << loose.log();
+    EXPECT_NE(loose.log().find("is readable by every user (mode 0644)"), std::string::npos)
+        << loose.log();
+    EXPECT_EQ(loose.Stop(), 0);
+  }
   chmod(psk.c_str(), 0600);
   port = FreePort();
   Server server({"-r", w().repo, "vm1/vda/1", "--port", std::to_string(port), "--tls-psk", psk},
                 dir_.Sub("tls.log"));
   ASSERT_TRUE(server.ready()) << server.log();
+  EXPECT_EQ(server.log().find("warning"), std::string::npos) << server.log();
   EXPECT_EQ(server.uri(), "nbds://127.0.0.1:" + std::to_string(port));
   EXPECT_TRUE(server.info()["tls"].get<bool>());
   auto plain = RunCommand({"nbdinfo", "--size", "nbd://127.0.0.1:" + std::to_string(port)});
@@ -750,6 +774,12 @@ TEST_F(ServeTest, BadUsageAndHelp) {
   r = RunCommand({VmdedupBinary(), "serve", "-r", w().repo, "vm1/vda/1", "--port", "10809",
                   "--bind", "example.com"});
   EXPECT_EQ(r.exit_code, 2);
+  // Sizes are digits and a unit: a negative one never reaches nbdkit.
+  for (const std::string bad : {"-5", " 5", "+5", "", "99999999999T", "18446744073709551616"}) {
+    r = RunCommand({VmdedupBinary(), "serve", "-r", w().repo, "vm1/vda/1", "--cache", bad});
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.err;
+    EXPECT_NE(r.err.find("size"), std::string::npos) << r.err;
+  }
   // A path that is not a socket is never replaced.
   std::string file = dir_.Sub("not-a-socket");
   WriteFileBytes(file, "keep");
