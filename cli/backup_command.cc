@@ -180,7 +180,7 @@ int BackupCommand(int argc, char** argv) {
   if (!priority.ok()) return ReportError(priority.status());
   // Before any thread starts (LevelDB's among them), so that all inherit it.
   if (Status st = ApplyPriority(*priority); !st.ok()) return ReportError(st);
-  auto repo = Repository::Open(*repo_path);
+  auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
 
   const bool json = args->Has("json");

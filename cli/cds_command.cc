@@ -160,7 +160,7 @@ int Build(const Args& args) {
   o.threads = *threads;
   auto repo_path = args.Repo();
   if (!repo_path.ok()) return ReportError(repo_path.status());
-  auto repo = Repository::Open(*repo_path);
+  auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
 
   const bool json = args.Has("json");
@@ -231,7 +231,7 @@ int StatusOf(const Args& args) {
   }
   auto repo_path = args.Repo();
   if (!repo_path.ok()) return ReportError(repo_path.status());
-  auto repo = Repository::Open(*repo_path);
+  auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
   CdsArea area((*repo)->objects());
   auto pointer = area.ReadPointer();

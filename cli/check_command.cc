@@ -38,6 +38,12 @@ incomplete (exit code 5) unless damage was found. --lock-wait waits for it.
 A repository check cannot write (a read-only mount) is checked all the
 same; the quarantines it could not record are reported.
 
+The configuration record (vmdedup-repo) has a copy (vmdedup-repo.copy):
+when one is damaged or missing, commands read the other and say so, and
+check rewrites the bad one from the good one ("repaired: ..." lines; this
+is not damage). Damaged containers are quarantined: later backups take
+nothing from them (docs/operations.md, "Damage").
+
 Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)
   --vm VM           only this VM
@@ -87,7 +93,7 @@ int CheckCommand(int argc, char** argv) {
   }
   auto repo_path = args->Repo();
   if (!repo_path.ok()) return ReportError(repo_path.status());
-  auto repo = Repository::Open(*repo_path);
+  auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
   CheckOptions opt;
   opt.read_data = args->Has("read-data");
@@ -114,6 +120,7 @@ int CheckCommand(int argc, char** argv) {
     nlohmann::json j = {{"ok", r.ok()},
                         {"complete", r.complete()},
                         {"vms_not_checked", not_checked},
+                        {"repaired", r.repaired},
                         {"vms", r.vms},
                         {"snapshots", r.snapshots},
                         {"recipes", r.recipes},
@@ -166,6 +173,7 @@ int CheckCommand(int argc, char** argv) {
           static_cast<unsigned long long>(r.quarantined));
     for (const auto& [vm, why] : r.vms_not_checked)
       std::printf("not checked: VM %s: %s (--lock-wait waits for it)\n", vm.c_str(), why.c_str());
+    for (const auto& line : r.repaired) std::printf("repaired: %s\n", line.c_str());
     auto damaged = r.DamagedSnapshots();
     if (!r.ok())
       std::printf("DAMAGE FOUND\n");

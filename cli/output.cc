@@ -22,6 +22,13 @@ int ReportError(const Status& st) {
   return kExitFailure;
 }
 
+Result<std::unique_ptr<Repository>> OpenRepository(const std::string& path) {
+  auto repo = Repository::Open(path);
+  if (repo.ok() && !(*repo)->config_note().empty())
+    std::fprintf(stderr, "vmdedup: %s\n", (*repo)->config_note().c_str());
+  return repo;
+}
+
 nlohmann::json SnapshotJson(const SnapshotRecord& s) {
   return {
       {"id", s.Id()},

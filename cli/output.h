@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -13,6 +14,7 @@
 #include "base/human_size.h"
 #include "base/status.h"
 #include "store/records.h"
+#include "store/repository.h"
 
 namespace vmdedup::cli {
 
@@ -28,6 +30,9 @@ constexpr int kExitInterrupted = 130;
 std::string Percent(uint64_t part, uint64_t whole);
 // Prints "vmdedup: <status>" to stderr and returns the matching exit code.
 int ReportError(const Status& st);
+// Repository::Open, and on stderr the line it has when it read the
+// configuration's copy (Repository::config_note).
+Result<std::unique_ptr<Repository>> OpenRepository(const std::string& path);
 
 nlohmann::json SnapshotJson(const SnapshotRecord& s);
 

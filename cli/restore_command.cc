@@ -76,7 +76,7 @@ int RestoreCommand(int argc, char** argv) {
   if (!threads.ok()) return ReportError(threads.status());
   auto ref = ParseSnapshotRef(args->positionals()[0]);
   if (!ref.ok()) return ReportError(ref.status());
-  auto repo = Repository::Open(*repo_path);
+  auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
   auto vm = (*repo)->OpenVm(ref->vm, Repository::Access::kRead);
   if (!vm.ok()) return ReportError(vm.status());

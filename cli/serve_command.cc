@@ -432,7 +432,7 @@ int ServeCommand(int argc, char** argv) {
   SnapshotRecord snap;
   std::string abs_repo;
   {
-    auto repo = Repository::Open(*repo_path);
+    auto repo = OpenRepository(*repo_path);
     if (!repo.ok()) return ReportError(repo.status());
     abs_repo = fs::absolute((*repo)->path()).lexically_normal().string();
     auto vm = (*repo)->OpenVm(ref->vm, Repository::Access::kRead);

@@ -147,7 +147,7 @@ int StatsCommand(int argc, char** argv) {
   }
   auto repo_path = args->Repo();
   if (!repo_path.ok()) return ReportError(repo_path.status());
-  auto repo = Repository::Open(*repo_path);
+  auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
   std::vector<std::string> vms;
   if (auto vm = args->Get("vm")) {

@@ -65,7 +65,7 @@ int StatusCommand(int argc, char** argv) {
   if (args->Has("repo") || std::getenv("VMDEDUP_REPO")) {
     auto path = args->Repo();
     if (!path.ok()) return ReportError(path.status());
-    auto r = Repository::Open(*path);
+    auto r = OpenRepository(*path);
     if (!r.ok()) return ReportError(r.status());
     repo = std::move(r).value();
     if (auto vm = args->Get("vm")) {

@@ -507,6 +507,12 @@ std::vector<std::string> CheckReport::DamagedSnapshots() const {
 
 Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& options) {
   CheckReport report;
+  if (Status st = repo.RepairConfigCopies(&report.repaired); !st.ok())
+    AddFinding(report,
+               st.IsCorruption() ? CheckFinding::Kind::kError : CheckFinding::Kind::kSkipped,
+               "the configuration record and its copy differ or one is damaged, and it could not "
+               "be set right: " +
+                   st.ToString());
   CdsState cds;
   RETURN_IF_ERROR(CheckCdsArea(repo, options, report, &cds));
   std::vector<std::string> vms;

@@ -58,6 +58,9 @@ struct CheckReport {
   // VMs that were not checked because a backup or another check held them
   // (after CheckOptions::lock_wait_seconds), each with the holder.
   std::vector<std::pair<std::string, std::string>> vms_not_checked;
+  // What check set right: the configuration record or its copy rewritten
+  // from the other (Repository::RepairConfigCopies).
+  std::vector<std::string> repaired;
   bool ok() const;
   bool complete() const { return vms_not_checked.empty(); }
   std::vector<std::string> DamagedSnapshots() const;

@@ -20,7 +20,8 @@ namespace vmdedup {
 namespace {
 
 bool EndsWith(const std::string& s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // A table file held open since the view was made: reads with pread on a
@@ -247,8 +248,8 @@ void RaiseOpenFilesLimit() {
 Result<std::unique_ptr<leveldb::Env>> NewLevelDbReadViewEnv(const std::string& db_dir,
                                                             leveldb::Env* base) {
   const char* tmp = std::getenv("TMPDIR");
-  std::string templ = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") +
-                      "/vmdedup-view-XXXXXX";
+  std::string templ =
+      std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/vmdedup-view-XXXXXX";
   std::vector<char> buf(templ.begin(), templ.end());
   buf.push_back('\0');
   if (::mkdtemp(buf.data()) == nullptr)
@@ -281,8 +282,7 @@ Result<std::unique_ptr<leveldb::Env>> NewLevelDbReadViewEnv(const std::string& d
     std::filesystem::remove_all(scratch, ec);
     return st;
   }
-  return std::unique_ptr<leveldb::Env>(
-      new ReadViewEnv(base, db_dir, scratch, std::move(pinned)));
+  return std::unique_ptr<leveldb::Env>(new ReadViewEnv(base, db_dir, scratch, std::move(pinned)));
 }
 
 }  // namespace vmdedup

@@ -24,6 +24,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr char kConfigFile[] = "vmdedup-repo";
+constexpr char kConfigCopyFile[] = "vmdedup-repo.copy";  // the same bytes (docs/format.md)
 constexpr char kConfigMagic[8] = {'V', 'M', 'D', 'D', 'R', 'E', 'P', 'O'};
 
 std::string RandomHex16() {
@@ -105,6 +106,28 @@ Status WriteFileDurably(FileSystem& fs, const std::string& path, const std::stri
     return st;
   }
   return fs.SyncDir(fs::path(path).parent_path().string());
+}
+
+// The bytes of the file `name` below `root` (never through a link).
+Result<std::string> ReadRepositoryFile(const std::string& root, const std::string& name) {
+  ASSIGN_OR_RETURN(int fd, OpenBeneath(root, name, O_RDONLY));
+  std::string data;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof(buf))) > 0) data.append(buf, static_cast<size_t>(n));
+  const int err = errno;
+  ::close(fd);
+  if (n < 0) return Status::FromErrno(err, "read " + root + "/" + name);
+  return data;
+}
+
+// The configuration record in file `name`, and its bytes.
+Result<RepoConfig> ReadConfigFile(const std::string& root, const std::string& name,
+                                  std::string* bytes) {
+  ASSIGN_OR_RETURN(*bytes, ReadRepositoryFile(root, name));
+  RepoConfig config;
+  RETURN_IF_ERROR(DecodeConfig(*bytes, root + "/" + name, &config));
+  return config;
 }
 
 // A lock file names its holder while it is held: the holder writes its pid
@@ -281,35 +304,42 @@ Result<std::unique_ptr<Repository>> Repository::Create(const std::string& path, 
   (void)created;
   config.repo_id = RandomHex16();
   config.format_version = kRepoFormatVersion;
-  RETURN_IF_ERROR(WriteFileDurably(fsys, path + "/" + kConfigFile, EncodeConfig(config)));
+  const std::string record = EncodeConfig(config);
+  RETURN_IF_ERROR(WriteFileDurably(fsys, path + "/" + kConfigFile, record));
+  RETURN_IF_ERROR(WriteFileDurably(fsys, path + "/" + kConfigCopyFile, record));
   return Open(path, std::move(options));
 }
 
 Result<std::unique_ptr<Repository>> Repository::Open(const std::string& path,
                                                      RepositoryOptions options) {
-  std::string cfg_path = path + "/" + kConfigFile;
-  auto cfg_fd = OpenBeneath(path, kConfigFile, O_RDONLY);
-  if (!cfg_fd.ok()) {
-    if (!cfg_fd.status().IsNotFound()) return cfg_fd.status();
-    std::error_code ec;
-    if (!fs::exists(path, ec))
-      return Status::NotFound("repository " + path +
-                              " does not exist; create it with 'vmdedup init " + path + "'");
-    return Status::NotFound(path + " is not a vmdedup repository (no " + kConfigFile +
-                            "); create one with 'vmdedup init'");
-  }
-  std::string data;
-  {
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(*cfg_fd, buf, sizeof(buf))) > 0) data.append(buf, static_cast<size_t>(n));
-    const int err = errno;
-    ::close(*cfg_fd);
-    if (n < 0) return Status::FromErrno(err, "read " + cfg_path);
-  }
+  // The record, or else its copy (one line says so); a repository made
+  // before the copy existed has only the record.
+  std::string bytes;
+  auto primary = ReadConfigFile(path, kConfigFile, &bytes);
   RepoConfig config;
-  RETURN_IF_ERROR(DecodeConfig(data, cfg_path, &config));
+  std::string note;
+  if (primary.ok()) {
+    config = std::move(primary).value();
+  } else {
+    auto copy = ReadConfigFile(path, kConfigCopyFile, &bytes);
+    if (primary.status().IsNotFound() && copy.status().IsNotFound()) {
+      std::error_code ec;
+      if (!fs::exists(path, ec))
+        return Status::NotFound("repository " + path +
+                                " does not exist; create it with 'vmdedup init " + path + "'");
+      return Status::NotFound(path + " is not a vmdedup repository (no " + kConfigFile +
+                              "); create one with 'vmdedup init'");
+    }
+    if (!copy.ok())
+      return primary.status().WithContext("the repository's configuration, and its copy " +
+                                          std::string(kConfigCopyFile) + " (" +
+                                          copy.status().ToString() + "), cannot be read");
+    config = std::move(copy).value();
+    note = "warning: " + primary.status().ToString() + "; read its copy " + path + "/" +
+           kConfigCopyFile + " instead (run 'vmdedup check' to rewrite it)";
+  }
   std::unique_ptr<Repository> repo(new Repository(path, config, std::move(options)));
+  repo->config_note_ = std::move(note);
   if (repo->options_.objects == nullptr) {
     repo->owned_objects_ = NewLocalObjectStore(path, repo->fs_);
     repo->objects_ = repo->owned_objects_.get();
@@ -423,6 +453,29 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     }
   }
   return vs;
+}
+
+Status Repository::RepairConfigCopies(std::vector<std::string>* repaired) {
+  std::string primary_bytes, copy_bytes;
+  auto primary = ReadConfigFile(path_, kConfigFile, &primary_bytes);
+  auto copy = ReadConfigFile(path_, kConfigCopyFile, &copy_bytes);
+  if (primary.ok() && copy.ok() && primary_bytes == copy_bytes) return Status::OK();
+  if (!primary.ok() && !copy.ok())
+    return primary.status().WithContext("neither the configuration nor its copy can be read");
+  // The one that reads well is written over the other (both carry a
+  // checksum; when both read well but differ, the record wins).
+  const bool from_primary = primary.ok();
+  const std::string& good = from_primary ? primary_bytes : copy_bytes;
+  const char* target = from_primary ? kConfigCopyFile : kConfigFile;
+  const Status& why = from_primary ? copy.status() : primary.status();
+  RETURN_IF_ERROR(WriteFileDurably(*fs_, path_ + "/" + target, good)
+                      .WithContext("rewrite " + path_ + "/" + target));
+  repaired->push_back(std::string(target) + " rewritten from " +
+                      (from_primary ? kConfigFile : kConfigCopyFile) +
+                      (why.ok()           ? std::string(" (they differed)")
+                       : why.IsNotFound() ? std::string(" (there was none)")
+                                          : " (" + why.ToString() + ")"));
+  return Status::OK();
 }
 
 RepoLock::~RepoLock() {

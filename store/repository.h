@@ -107,6 +107,14 @@ class Repository {
 
   const RepoConfig& config() const { return config_; }
   const std::string& path() const { return path_; }
+  // Non-empty when Open read the configuration's copy because the record
+  // itself could not be read: one line for the user.
+  const std::string& config_note() const { return config_note_; }
+  // Makes the configuration record and its copy (docs/format.md) both
+  // present, readable and equal, writing the one that is not from the one
+  // that is; says what it rewrote in `repaired`. Corruption when neither
+  // can be read. `check` calls it.
+  Status RepairConfigCopies(std::vector<std::string>* repaired);
   ObjectStore* objects() { return objects_; }
   // VMs whose metadata store exists, sorted.
   Result<std::vector<std::string>> ListVms();
@@ -137,6 +145,7 @@ class Repository {
   Repository(std::string path, RepoConfig config, RepositoryOptions options);
   std::string path_;
   RepoConfig config_;
+  std::string config_note_;
   RepositoryOptions options_;
   FileSystem* fs_;
   std::unique_ptr<ObjectStore> owned_objects_;

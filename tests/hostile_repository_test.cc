@@ -3,7 +3,8 @@
 // alone: end-to-end tests with the vmdedup binary of symbolic links planted
 // at lock files, VM directories, metadata files and containers (never
 // followed: refused, named, reported by check, nothing outside touched),
-// and of the modes of everything a repository holds under umask 022.
+// and of the modes of everything a repository holds under umask 022; and a
+// damaged configuration record, read from its copy.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -172,6 +173,57 @@ TEST_F(HostileRepositoryTest, AContainerReplacedByALinkIsNeverReadAndTheNextBack
   r = Vmdedup({"restore", "-r", repo_, "vm1/vda/2", "--to", dir_.Sub("healed.raw")});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(FileSha256(dir_.Sub("healed.raw")), FileSha256(image_));
+}
+
+// One flipped byte in the configuration record: every command reads its
+// copy and says so; check rewrites the record from it. A missing copy (a
+// repository made before copies) is written by check; both unreadable is
+// an error naming both.
+TEST_F(HostileRepositoryTest, ADamagedConfigurationIsReadFromItsCopyAndRepairedByCheck) {
+  const std::string record = repo_ + "/vmdedup-repo", copy = repo_ + "/vmdedup-repo.copy";
+  const std::string good = ReadFileBytes(record);
+  ASSERT_FALSE(good.empty());
+  EXPECT_EQ(ReadFileBytes(copy), good);
+  std::string flipped = good;
+  flipped[flipped.size() / 2] ^= 0x20;
+  ASSERT_TRUE(WriteFileBytes(record, flipped));
+
+  auto r = Vmdedup({"snapshots", "-r", repo_});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("vm1/vda/1"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("read its copy " + copy), std::string::npos) << r.err;
+  r = Vmdedup({"restore", "-r", repo_, "vm1/vda/1", "--to", dir_.Sub("out.raw")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(FileSha256(dir_.Sub("out.raw")), FileSha256(image_));
+
+  r = Vmdedup({"check", "-r", repo_});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("repaired: vmdedup-repo rewritten from vmdedup-repo.copy"),
+            std::string::npos)
+      << r.out;
+  EXPECT_EQ(ReadFileBytes(record), good);
+  r = Vmdedup({"snapshots", "-r", repo_});
+  EXPECT_EQ(r.err, "") << r.err;
+
+  // No copy (an older repository): read without a word; check writes it.
+  ASSERT_EQ(::unlink(copy.c_str()), 0);
+  r = Vmdedup({"snapshots", "-r", repo_});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err, "") << r.err;
+  r = Vmdedup({"check", "-r", repo_, "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("vmdedup-repo.copy rewritten from vmdedup-repo (there was none)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_EQ(ReadFileBytes(copy), good);
+
+  // Both damaged: nothing is read, and the error names both.
+  ASSERT_TRUE(WriteFileBytes(record, flipped));
+  ASSERT_TRUE(WriteFileBytes(copy, flipped));
+  r = Vmdedup({"snapshots", "-r", repo_});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("vmdedup-repo.copy"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("Corruption"), std::string::npos) << r.err;
 }
 
 }  // namespace

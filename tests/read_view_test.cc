@@ -47,8 +47,7 @@ class ReadViewTest : public ::testing::Test {
 
   // Starts `vmdedup serve --json ARGS...` and returns its pid and the URI
   // from its first line ("" when it did not start).
-  std::string StartServe(const std::vector<std::string>& args, const std::string& log,
-                         pid_t* pid) {
+  std::string StartServe(const std::vector<std::string>& args, const std::string& log, pid_t* pid) {
     int fds[2];
     if (::pipe(fds) != 0) return "";
     *pid = ::fork();
@@ -135,8 +134,8 @@ TEST_F(ReadViewTest, ReadersNeitherWaitForNorHoldUpABackup) {
   CommandResult backup;
   std::atomic<bool> backup_done{false};
   std::thread writer([&] {
-    backup = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1",
-                      server.Uri()});
+    backup = Vmdedup(
+        {"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1", server.Uri()});
     backup_done = true;
   });
   ASSERT_TRUE(server.WaitForReads(2, 60000));
@@ -186,8 +185,8 @@ TEST_F(ReadViewTest, ACheckOfAVmBeingBackedUpIsIncompleteOrWaits) {
   CommandResult backup;
   std::atomic<bool> backup_done{false};
   std::thread writer([&] {
-    backup = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1",
-                      server.Uri()});
+    backup = Vmdedup(
+        {"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1", server.Uri()});
     backup_done = true;
   });
   ASSERT_TRUE(server.WaitForReads(2, 60000));
