@@ -77,7 +77,7 @@ class ByteReader {
     return Status::OK();
   }
   Status String(std::string* s) {
-    uint64_t n;
+    uint64_t n = 0;
     RETURN_IF_ERROR(Varint(&n));
     if (data_.size() - pos_ < n) return Truncated();
     s->assign(data_.data() + pos_, n);

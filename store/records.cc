@@ -93,7 +93,7 @@ Status GetStats(ByteReader& r, LevelStats* s) {
 
 template <typename T>
 Status GetVarintAs(ByteReader& r, T* out) {
-  uint64_t v;
+  uint64_t v = 0;
   RETURN_IF_ERROR(r.Varint(&v));
   if (v > static_cast<uint64_t>(std::numeric_limits<T>::max()))
     return Status::Corruption(r.what() + ": value out of range");

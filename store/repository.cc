@@ -649,7 +649,7 @@ Result<uint64_t> VmStore::GetCounter(const std::string& name) {
   Status st = meta_->Get(key, &value);
   if (st.IsNotFound()) return uint64_t{1};
   RETURN_IF_ERROR(st);
-  uint64_t v;
+  uint64_t v = 0;
   RETURN_IF_ERROR(DecodeCounter(key, value, &v));
   return v;
 }
