@@ -140,12 +140,16 @@ SlowNbdServer::SlowNbdServer(const std::string& image, uint64_t size, const std:
                       "' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none";
   std::string get_size = "get_size=echo " + std::to_string(size);
   pread = "pread=" + pread;
+  // Its own process group, so that Kill also ends the plugin's shells and
+  // their `sleep` (which would otherwise outlive nbdkit by DELAY seconds).
   pid_ = fork();
   if (pid_ == 0) {
+    setpgid(0, 0);
     execlp("nbdkit", "nbdkit", "--foreground", "-U", socket_.c_str(), "eval", get_size.c_str(),
            pread.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
+  if (pid_ > 0) setpgid(pid_, pid_);  // also here: whichever runs first
   for (int i = 0; i < 400 && access(socket_.c_str(), F_OK) != 0; i++) usleep(25000);
 }
 
@@ -169,8 +173,9 @@ bool SlowNbdServer::WaitForReads(int n, int timeout_ms) const {
 
 bool SlowNbdServer::Kill(int sig) {
   if (pid_ <= 0) return false;
-  bool sent = kill(pid_, sig) == 0;
+  bool sent = kill(-pid_, sig) == 0 || kill(pid_, sig) == 0;
   waitpid(pid_, nullptr, 0);
+  if (sig != SIGKILL) kill(-pid_, SIGKILL);  // what the signal left of the group
   pid_ = -1;
   return sent;
 }

@@ -59,7 +59,8 @@ std::string DamageSnapshotRecord(const std::string& repo, const std::string& vm,
 // serves one read at a time, each after `delay` ("0.3" seconds), and appends
 // a line to `marker_path` when a read starts: tests wait for reads to start
 // instead of guessing how long a backup takes. Killed (SIGKILL) and reaped
-// on destruction unless Kill was called.
+// on destruction unless Kill was called; either way with its process group,
+// so that no plugin shell or `sleep` outlives it.
 class SlowNbdServer {
  public:
   SlowNbdServer(const std::string& image, uint64_t size, const std::string& delay,
