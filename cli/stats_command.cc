@@ -176,18 +176,12 @@ int StatsCommand(int argc, char** argv) {
         cds.miss += s.stats.new_bytes;
       }
     }
-    Status inner;
-    Status st =
-        (*vm)->meta()->Scan(kContainerKeyPrefix, [&](std::string_view k, std::string_view v) {
-          ContainerRecord c;
-          inner = DecodeContainerRecord(k, v, &c);
-          if (!inner.ok()) return false;
-          t.containers++;
-          t.stored += c.size;
-          return true;
-        });
-    if (!st.ok()) return ReportError(st);
-    if (!inner.ok()) return ReportError(inner);
+    auto containers = (*vm)->ListContainers();
+    if (!containers.ok()) return ReportError(containers.status());
+    for (const ContainerRecord& c : *containers) {
+      t.containers++;
+      t.stored += c.size;
+    }
     // A first backup that failed leaves a VM with nothing in it: listed
     // only when asked for by name.
     if (!args->Has("vm") && t.snapshots == 0 && t.containers == 0) continue;

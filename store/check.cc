@@ -71,6 +71,10 @@ struct CdsState {
   std::set<uint64_t> to_quarantine;
 };
 
+// What a quarantine is for: an object missing, of the wrong shape, or a
+// link. An I/O error may pass, and a quarantine is for good.
+bool IsDamage(const Status& st) { return st.IsNotFound() || st.IsCorruption(); }
+
 void AddFinding(CheckReport& report, CheckFinding::Kind kind, std::string msg, uint64_t bytes = 0) {
   report.findings.push_back({kind, "", std::move(msg), {}, bytes});
   if (kind == CheckFinding::Kind::kReclaimable) report.reclaimable_bytes += bytes;
@@ -114,8 +118,7 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
       AddFinding(report, CheckFinding::Kind::kError,
                  "CDS container " + object + ": " + size.status().ToString());
       state->damaged_containers.insert(cid);
-      if (size.status().IsNotFound() || size.status().IsCorruption())
-        state->to_quarantine.insert(cid);
+      if (IsDamage(size.status())) state->to_quarantine.insert(cid);
       continue;
     }
     report.cds_containers++;
@@ -136,7 +139,7 @@ Status CheckCdsArea(Repository& repo, const CheckOptions& opt, CheckReport& repo
     if (!st.ok()) {
       AddFinding(report, CheckFinding::Kind::kError, st.ToString());
       state->damaged_containers.insert(cid);
-      if (st.IsCorruption() || st.IsNotFound()) state->to_quarantine.insert(cid);
+      if (IsDamage(st)) state->to_quarantine.insert(cid);
       continue;
     }
     for (const auto& [v, e] : entries) {
@@ -421,8 +424,7 @@ Status VmCheck::Run() {
       if (referenced) {
         Error("container " + rec.object + ": " + size.status().ToString(),
               SnapshotsUsingContainer(cid));
-        if (size.status().IsNotFound() || size.status().IsCorruption())
-          Quarantine(cid, size.status().ToString());
+        if (IsDamage(size.status())) Quarantine(cid, size.status().ToString());
       } else {
         Reclaimable("catalogued container " + rec.object + " is missing and unreferenced", 0);
       }
@@ -446,8 +448,7 @@ Status VmCheck::Run() {
     Status st = VerifyContainerRecords(repo_, rec.object, cid, report_, &valid);
     if (!st.ok()) {
       Error(st.ToString(), SnapshotsUsingContainer(cid));
-      // Damage only: an I/O error may pass, and a quarantine is for good.
-      if (st.IsCorruption() || st.IsNotFound()) Quarantine(cid, st.ToString());
+      if (IsDamage(st)) Quarantine(cid, st.ToString());
       continue;
     }
     for (const Ref& r : refs[cid]) {

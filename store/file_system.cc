@@ -22,12 +22,6 @@ Status WriteError(int err, const std::string& what) {
   return Status::FromErrno(err, what);
 }
 
-Status LinkRefused(const std::string& path) {
-  return Status::Corruption(path +
-                            " is a symbolic link: vmdedup never follows links inside a "
-                            "repository (remove it; docs/operations.md, \"Damage\")");
-}
-
 Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& path) {
   while (n > 0) {
     ssize_t w = ::write(fd, p, n);
@@ -121,7 +115,7 @@ class RealFileSystemImpl final : public FileSystem {
     const int how = mode == CreateMode::kExclusive ? O_EXCL : O_TRUNC;
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | how | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd < 0 && errno == EEXIST) return Status::Busy("create " + path + ": it exists");
-    if (fd < 0 && errno == ELOOP) return LinkRefused(path);
+    if (fd < 0 && errno == ELOOP) return LinkInRepository(path);
     if (fd < 0) return WriteError(errno, "create " + path);
     return std::unique_ptr<WritableFile>(new RealWritableFile(fd, path));
   }
@@ -161,7 +155,7 @@ class RealFileSystemImpl final : public FileSystem {
     if (errno == EEXIST) {
       struct stat sb;
       if (::lstat(path.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode)) return false;
-      if (S_ISLNK(sb.st_mode)) return LinkRefused(path);
+      if (S_ISLNK(sb.st_mode)) return LinkInRepository(path);
       return Status::IOError("mkdir " + path + ": exists and is not a directory");
     }
     return WriteError(errno, "mkdir " + path);
@@ -200,10 +194,7 @@ Result<int> OpenBeneath(const std::string& root, const std::string& rel, int fla
   const std::string path = root + "/" + rel;
   auto failed = [&](int err) -> Status {
     if (err == ELOOP || err == EXDEV)
-      return Status::Corruption(path +
-                                " is, or passes through, a symbolic link: vmdedup never follows "
-                                "links inside a repository (remove it; docs/operations.md, "
-                                "\"Damage\")");
+      return LinkInRepository(path, "is, or passes through, a symbolic link");
     return Status::FromErrno(err, what.empty() ? path : what);
   };
   if (rel.empty() || rel[0] == '/') return Status::InvalidArgument("bad path below " + root);
@@ -252,6 +243,12 @@ Result<int> OpenBeneath(const std::string& root, const std::string& rel, int fla
     return failed(ELOOP);
   }
   return static_cast<int>(fd);
+}
+
+Status LinkInRepository(const std::string& path, const std::string& what) {
+  return Status::Corruption(path + " " + what +
+                            ": vmdedup never follows links inside a repository (remove it; "
+                            "docs/operations.md, \"Damage\")");
 }
 
 FileSystem* RealFileSystem() {

@@ -74,6 +74,11 @@ class FileSystem {
 // have created it and not yet synced its parent).
 Status MakeDurableDirs(FileSystem& fs, const std::string& root, const std::string& rel_dir);
 
+// Corruption "PATH WHAT: vmdedup never follows links inside a repository
+// (remove it; ...)": the one error for a link (or another kind of file
+// than the repository holds there) found below a repository.
+Status LinkInRepository(const std::string& path, const std::string& what = "is a symbolic link");
+
 // Opens `rel` ("vms/a/lock") below the directory `root` with open(2)'s
 // `flags` and `mode`, never through a symbolic link: every component of
 // `rel` must be a real directory or file, and `..` cannot leave `root`

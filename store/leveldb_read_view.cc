@@ -89,10 +89,7 @@ class ReadViewEnv final : public leveldb::EnvWrapper {
   }
 
   leveldb::Status NewWritableFile(const std::string& f, leveldb::WritableFile** r) override {
-    std::string name;
-    if (!InDb(f, &name)) return target()->NewWritableFile(f, r);
-    Wrote(name);
-    return target()->NewWritableFile(Scratch(name), r);
+    return target()->NewWritableFile(WritePath(f), r);
   }
 
   // LevelDB appends to an existing file only to reuse a log (off): a view
@@ -100,8 +97,7 @@ class ReadViewEnv final : public leveldb::EnvWrapper {
   leveldb::Status NewAppendableFile(const std::string& f, leveldb::WritableFile** r) override {
     std::string name;
     if (!InDb(f, &name)) return target()->NewAppendableFile(f, r);
-    Wrote(name);
-    return target()->NewWritableFile(Scratch(name), r);
+    return target()->NewWritableFile(WritePath(f), r);
   }
 
   bool FileExists(const std::string& f) override {
@@ -180,17 +176,11 @@ class ReadViewEnv final : public leveldb::EnvWrapper {
   // The view's own LOCK, in its scratch directory: a writer's lock on the
   // store is neither taken nor waited for.
   leveldb::Status LockFile(const std::string& f, leveldb::FileLock** l) override {
-    std::string name;
-    if (!InDb(f, &name)) return target()->LockFile(f, l);
-    Wrote(name);
-    return target()->LockFile(Scratch(name), l);
+    return target()->LockFile(WritePath(f), l);
   }
 
   leveldb::Status NewLogger(const std::string& f, leveldb::Logger** r) override {
-    std::string name;
-    if (!InDb(f, &name)) return target()->NewLogger(f, r);
-    Wrote(name);
-    return target()->NewLogger(Scratch(name), r);
+    return target()->NewLogger(WritePath(f), r);
   }
 
  private:
@@ -202,10 +192,15 @@ class ReadViewEnv final : public leveldb::EnvWrapper {
     return name->find('/') == std::string::npos;
   }
   std::string Scratch(const std::string& name) const { return scratch_ + "/" + name; }
-  void Wrote(const std::string& name) {
+  // Where a write of `f` goes: for a file of the store, the view's scratch
+  // directory (the name is the view's from now on); anything else as is.
+  std::string WritePath(const std::string& f) {
+    std::string name;
+    if (!InDb(f, &name)) return f;
     std::lock_guard<std::mutex> lock(mu_);
     written_.insert(name);
     deleted_.erase(name);
+    return Scratch(name);
   }
   // Where a read of `f` goes: the view's copy, the store's file, or
   // nowhere (deleted in the view).

@@ -108,6 +108,24 @@ Status WriteFileDurably(FileSystem& fs, const std::string& path, const std::stri
   return fs.SyncDir(fs::path(path).parent_path().string());
 }
 
+// Every record under `prefix`, decoded; the first that does not decode
+// is the error.
+template <typename T>
+Result<std::vector<T>> ScanRecords(MetadataStore& meta, std::string_view prefix,
+                                   Status (*decode)(std::string_view, std::string_view, T*)) {
+  std::vector<T> out;
+  Status inner;
+  RETURN_IF_ERROR(meta.Scan(prefix, [&](std::string_view key, std::string_view value) {
+    T r;
+    inner = decode(key, value, &r);
+    if (!inner.ok()) return false;
+    out.push_back(std::move(r));
+    return true;
+  }));
+  RETURN_IF_ERROR(inner);
+  return out;
+}
+
 // The bytes of the file `name` below `root` (never through a link).
 Result<std::string> ReadRepositoryFile(const std::string& root, const std::string& name) {
   ASSIGN_OR_RETURN(int fd, OpenBeneath(root, name, O_RDONLY));
@@ -191,10 +209,8 @@ Status RefuseLinksInVm(const std::string& root, const std::string& vm) {
     const std::string path = root + "/" + rel;
     if (::lstat(path.c_str(), &sb) != 0) continue;  // missing: nothing to follow
     if (!S_ISDIR(sb.st_mode))
-      return Status::Corruption(
-          path + (S_ISLNK(sb.st_mode) ? " is a symbolic link" : " is not a directory") +
-          ": vmdedup never follows links inside a repository (remove it; "
-          "docs/operations.md, \"Damage\")");
+      return LinkInRepository(path,
+                              S_ISLNK(sb.st_mode) ? "is a symbolic link" : "is not a directory");
   }
   ASSIGN_OR_RETURN(int dir_fd, OpenBeneath(root, "vms/" + vm + "/meta", O_RDONLY | O_DIRECTORY));
   DIR* d = ::fdopendir(dir_fd);
@@ -209,12 +225,8 @@ Status RefuseLinksInVm(const std::string& root, const std::string& vm) {
     struct stat sb;
     if (::fstatat(dir_fd, e->d_name, &sb, AT_SYMLINK_NOFOLLOW) != 0) continue;  // gone
     if (!S_ISREG(sb.st_mode)) {
-      st = Status::Corruption(
-          root + "/vms/" + vm + "/meta/" + std::string(name) +
-          (S_ISLNK(sb.st_mode) ? " is a symbolic link" : " is not a regular file") +
-          ": the metadata store holds only files, and vmdedup never follows "
-          "links inside a repository (remove it; docs/operations.md, "
-          "\"Damage\")");
+      st = LinkInRepository(root + "/vms/" + vm + "/meta/" + std::string(name),
+                            S_ISLNK(sb.st_mode) ? "is a symbolic link" : "is not a regular file");
       break;
     }
   }
@@ -504,18 +516,8 @@ VmStore::~VmStore() {
 }
 
 Result<std::vector<SnapshotRecord>> VmStore::ListSnapshots(const std::string& disk) {
-  std::vector<SnapshotRecord> out;
-  Status inner;
   std::string prefix = disk.empty() ? std::string(kSnapshotKeyPrefix) : SnapshotPrefix(disk);
-  RETURN_IF_ERROR(meta_->Scan(prefix, [&](std::string_view key, std::string_view value) {
-    SnapshotRecord r;
-    inner = DecodeSnapshot(key, value, &r);
-    if (!inner.ok()) return false;
-    out.push_back(std::move(r));
-    return true;
-  }));
-  RETURN_IF_ERROR(inner);
-  return out;
+  return ScanRecords<SnapshotRecord>(*meta_, prefix, DecodeSnapshot);
 }
 
 Result<std::vector<std::string>> VmStore::ListDisks() {
@@ -586,30 +588,14 @@ Result<ContainerRecord> VmStore::GetContainer(uint64_t id) {
 }
 
 Result<std::vector<ContainerRecord>> VmStore::ListContainers() {
-  std::vector<ContainerRecord> out;
-  Status inner;
-  RETURN_IF_ERROR(meta_->Scan(kContainerKeyPrefix, [&](std::string_view key, std::string_view v) {
-    ContainerRecord r;
-    inner = DecodeContainerRecord(key, v, &r);
-    if (!inner.ok()) return false;
-    out.push_back(std::move(r));
-    return true;
-  }));
-  RETURN_IF_ERROR(inner);
-  return out;
+  return ScanRecords<ContainerRecord>(*meta_, kContainerKeyPrefix, DecodeContainerRecord);
 }
 
 Result<std::set<uint64_t>> VmStore::QuarantinedContainers() {
+  ASSIGN_OR_RETURN(std::vector<QuarantineRecord> records,
+                   ScanRecords<QuarantineRecord>(*meta_, kQuarantineKeyPrefix, DecodeQuarantine));
   std::set<uint64_t> out;
-  Status inner;
-  RETURN_IF_ERROR(meta_->Scan(kQuarantineKeyPrefix, [&](std::string_view key, std::string_view v) {
-    QuarantineRecord r;
-    inner = DecodeQuarantine(key, v, &r);
-    if (!inner.ok()) return false;
-    out.insert(r.container);
-    return true;
-  }));
-  RETURN_IF_ERROR(inner);
+  for (const QuarantineRecord& r : records) out.insert(r.container);
   return out;
 }
 

@@ -73,6 +73,16 @@ class ReadViewTest : public ::testing::Test {
     auto j = nlohmann::json::parse(line, nullptr, false);
     return j.is_object() ? j.value("uri", "") : "";
   }
+  // A backup of vm1/vda from `uri` on a thread of its own (join it):
+  // `*result` and then `*done` are set when it ends.
+  std::thread BackUpInBackground(const std::string& uri, CommandResult* result,
+                                 std::atomic<bool>* done) {
+    return std::thread([this, uri, result, done] {
+      *result =
+          Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1", uri});
+      *done = true;
+    });
+  }
   static int StopServe(pid_t pid) {
     ::kill(pid, SIGTERM);
     int status = 0;
@@ -133,11 +143,7 @@ TEST_F(ReadViewTest, ReadersNeitherWaitForNorHoldUpABackup) {
   ASSERT_TRUE(server.Listening());
   CommandResult backup;
   std::atomic<bool> backup_done{false};
-  std::thread writer([&] {
-    backup = Vmdedup(
-        {"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1", server.Uri()});
-    backup_done = true;
-  });
+  std::thread writer = BackUpInBackground(server.Uri(), &backup, &backup_done);
   ASSERT_TRUE(server.WaitForReads(2, 60000));
 
   // While it runs: the VM is listed and its snapshot restored.
@@ -184,11 +190,7 @@ TEST_F(ReadViewTest, ACheckOfAVmBeingBackedUpIsIncompleteOrWaits) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   CommandResult backup;
   std::atomic<bool> backup_done{false};
-  std::thread writer([&] {
-    backup = Vmdedup(
-        {"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "--threads", "1", server.Uri()});
-    backup_done = true;
-  });
+  std::thread writer = BackUpInBackground(server.Uri(), &backup, &backup_done);
   ASSERT_TRUE(server.WaitForReads(2, 60000));
 
   r = Vmdedup({"check", "-r", repo_});
