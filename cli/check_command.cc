@@ -42,7 +42,12 @@ The configuration record (vmdedup-repo) has a copy (vmdedup-repo.copy):
 when one is damaged or missing, commands read the other and say so, and
 check rewrites the bad one from the good one ("repaired: ..." lines; this
 is not damage). Damaged containers are quarantined: later backups take
-nothing from them (docs/operations.md, "Damage").
+nothing from them. Segment recipes that snapshots use but that are missing
+or unreadable (a damaged metadata store) are recorded as lost: later
+backups read those segments again instead of reusing them. A metadata
+store damaged below its records is checked as far as it can be read; the
+snapshots that need its damaged part are named (docs/operations.md,
+"Damage").
 
 Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)
@@ -131,6 +136,7 @@ int CheckCommand(int argc, char** argv) {
                         {"bytes_verified", r.bytes_verified},
                         {"reclaimable_bytes", r.reclaimable_bytes},
                         {"quarantined", r.quarantined},
+                        {"lost_recipes", r.lost_recipes},
                         {"damaged_snapshots", r.DamagedSnapshots()},
                         {"findings", nlohmann::json::array()}};
     for (const auto& f : r.findings)
@@ -171,6 +177,11 @@ int CheckCommand(int argc, char** argv) {
           "quarantined %llu damaged container(s): backups take nothing from them and "
           "store their blocks afresh (docs/operations.md, \"Damage\")\n",
           static_cast<unsigned long long>(r.quarantined));
+    if (r.lost_recipes)
+      std::printf(
+          "recorded %llu lost segment recipe(s): backups read their segments again instead "
+          "of reusing them (docs/operations.md, \"Damage\")\n",
+          static_cast<unsigned long long>(r.lost_recipes));
     for (const auto& [vm, why] : r.vms_not_checked)
       std::printf("not checked: VM %s: %s (--lock-wait waits for it)\n", vm.c_str(), why.c_str());
     for (const auto& line : r.repaired) std::printf("repaired: %s\n", line.c_str());

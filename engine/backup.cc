@@ -406,9 +406,24 @@ Status BackupRun::FindUnusableReferences() {
     if (unusable.ok()) unusable_cds_ = std::move(unusable).value();
   }
   cds_unusable_all_ = cds_unknown;
-  if (unusable_own_.empty() && unusable_cds_.empty() && !cds_unknown) return Status::OK();
+  // Recipes check found missing or unreadable: their segments are read
+  // again, never reused (level 1) nor compared with (level 2).
+  ASSIGN_OR_RETURN(std::set<uint64_t> lost, vm_.LostRecipes());
+  uint64_t lost_segments = 0;
   for (uint64_t i = 0; i < parent_segments_.size(); i++) {
-    if (parent_segments_[i] == 0) continue;
+    if (parent_segments_[i] != 0 && lost.count(parent_segments_[i])) {
+      reread_segments_.insert(i);
+      lost_segments++;
+    }
+  }
+  if (lost_segments > 0 && req_.note)
+    req_.note("warning: " + std::to_string(lost_segments) + " segment(s) of " + req_.parent->Id() +
+              " use segment recipes that check found missing or unreadable: they are read "
+              "again and their blocks stored afresh (docs/operations.md, \"Damage\")");
+  if (unusable_own_.empty() && unusable_cds_.empty() && !cds_unknown) return Status::OK();
+  const size_t lost_rereads = reread_segments_.size();
+  for (uint64_t i = 0; i < parent_segments_.size(); i++) {
+    if (parent_segments_[i] == 0 || reread_segments_.count(i)) continue;
     ASSIGN_OR_RETURN(SegmentRecipe recipe, vm_.GetSegmentRecipe(parent_segments_[i]));
     for (const BlockRef& b : recipe.blocks) {
       if ((b.kind == BlockKind::kOwn && unusable_own_.count(b.container)) ||
@@ -432,9 +447,10 @@ Status BackupRun::FindUnusableReferences() {
     req_.note("warning: CDS container(s) " + ids(unusable_cds_) +
               " are missing or quarantined: this backup takes no block from them (rebuild the "
               "CDS with 'vmdedup cds build'; docs/operations.md, \"Damage\")");
-  if (!reread_segments_.empty())
-    req_.note("warning: " + std::to_string(reread_segments_.size()) + " segment(s) of " +
-              req_.parent->Id() + " use containers that are missing, damaged or quarantined (" +
+  if (reread_segments_.size() > lost_rereads)
+    req_.note("warning: " + std::to_string(reread_segments_.size() - lost_rereads) +
+              " segment(s) of " + req_.parent->Id() +
+              " use containers that are missing, damaged or quarantined (" +
               (unusable_own_.empty() ? std::string("CDS only") : "VM: " + ids(unusable_own_)) +
               "): they are read again and their blocks stored afresh; run 'vmdedup check' "
               "(docs/operations.md, \"Damage\")");

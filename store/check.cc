@@ -35,28 +35,13 @@ struct Ref {
 // its plaintext; fills `valid` with the records found sound.
 Status VerifyContainerRecords(Repository& repo, const std::string& object, uint64_t cid,
                               CheckReport& report, std::set<Ref>* valid) {
-  std::string data, plain;
-  Sha256Hasher hasher;
+  std::string data;
   RETURN_IF_ERROR(repo.objects()->Get(object, &data));
-  return ForEachBlockRecord(
-      data, cid, object, [&](const BlockRecordInfo& info, std::string_view record) {
-        const std::string what = object + " at offset " + std::to_string(info.offset);
-        RecordView view;
-        RETURN_IF_ERROR(RecordView::Parse(record, what, &view));
-        plain.resize(view.raw_len());
-        auto* bytes = reinterpret_cast<uint8_t*>(plain.data());
-        RETURN_IF_ERROR(view.DecodePrefix({bytes, plain.size()}, what));
-        for (uint32_t i = 0; i < view.block_count(); i++) {
-          RecordView::Block b = view.block(i);
-          if (hasher.Hash({bytes + b.plain_offset, b.raw_len}) != b.fingerprint)
-            return Status::Corruption(what + ": content of block " + std::to_string(i) +
-                                      " does not match its fingerprint");
-          report.blocks_verified++;
-          report.bytes_verified += b.raw_len;
-          valid->insert({info.offset, info.record_len, i, b.fingerprint});
-        }
-        return Status::OK();
-      });
+  return VerifyContainerBlocks(data, cid, object, [&](const VerifiedBlock& b) {
+    report.blocks_verified++;
+    report.bytes_verified += b.raw_len;
+    valid->insert({b.offset, b.record_len, b.index, b.fingerprint});
+  });
 }
 
 // What the VMs' CDS references are checked against: the CDS containers that
@@ -288,9 +273,12 @@ std::vector<std::string> VmCheck::SnapshotsUsingContainer(uint64_t cid) {
 }
 
 Status VmCheck::Run() {
-  // 1. Every record: envelope and type-specific decoding.
-  std::vector<std::string> bad_keys;
-  RETURN_IF_ERROR(vm_.meta()->Scan("", [&](std::string_view key, std::string_view value) {
+  // 1. Every record: envelope and type-specific decoding. A metadata store
+  // damaged below its records (a LevelDB table block that fails its
+  // checksum) yields every record it can still read and then the damage:
+  // the check goes on with those, and reads what each snapshot needs the
+  // way a restore does (step 2b).
+  Status scanned = vm_.meta()->Scan("", [&](std::string_view key, std::string_view value) {
     std::string k(key);
     Status st = VerifyEnvelope(key, value);
     if (st.ok()) {
@@ -313,7 +301,19 @@ Status VmCheck::Run() {
       MetadataError(st.ToString(), id.empty() ? std::vector<std::string>{} : std::vector{id});
     }
     return true;
-  }));
+  });
+  const bool store_damaged = scanned.IsCorruption();
+  if (store_damaged) {
+    MetadataError(scanned.ToString() +
+                  " (the records in its damaged part cannot be read: the snapshots that need "
+                  "them are named below, and a snapshot whose own record was there is not "
+                  "listed at all; 'vmdedup repair -r " +
+                  repo_.path() + " --vm " + vm_.vm() +
+                  "' salvages everything outside the damaged part; docs/operations.md, "
+                  "\"Damage\")");
+  } else {
+    RETURN_IF_ERROR(scanned);
+  }
   report_.recipes += recipes_.size();
   report_.containers += containers_.size();
   report_.snapshots += snapshots_.size();
@@ -356,15 +356,64 @@ Status VmCheck::Run() {
     snapshot_segments_[s.Id()] = std::move(segs).value();
   }
 
+  // 2b. A damaged store: what a restore reads, read as it does (one key at
+  // a time). A damaged table block hides every key in its range, even
+  // those an older table holds and the scan above found.
+  std::map<uint64_t, std::string> unreadable;  // recipe → why
+  if (store_damaged) {
+    for (const SnapshotRecord& s : snapshots_) {
+      if (auto r = vm_.GetSnapshot(s.disk, s.seq); !r.ok())
+        Error("snapshot " + s.Id() + ": " + r.status().ToString(), {s.Id()});
+    }
+    for (uint64_t id : live_recipes) {
+      if (!recipes_.count(id)) continue;  // missing: reported above
+      auto r = vm_.GetSegmentRecipe(id);
+      if (!r.ok()) unreadable[id] = r.status().ToString();
+    }
+  }
+  // Recipes that snapshots use and that cannot be had: recorded, so that
+  // later backups read those segments again (docs/format.md, "Quarantine").
+  uint64_t not_recorded = 0;
+  Status first_failure;
+  for (uint64_t id : live_recipes) {
+    if (recipes_.count(id) && !unreadable.count(id)) continue;
+    auto added = vm_.RecordLostRecipe(
+        id, unreadable.count(id) ? unreadable[id] : "missing from the metadata store");
+    if (added.ok()) {
+      report_.lost_recipes += *added ? 1 : 0;
+    } else if (not_recorded++ == 0) {
+      first_failure = added.status();
+    }
+  }
+  if (not_recorded > 0)
+    report_.findings.push_back(
+        {CheckFinding::Kind::kSkipped,
+         vm_.vm(),
+         "could not record " + std::to_string(not_recorded) +
+             " lost segment recipe(s) (a backup may still reuse them; 'vmdedup repair' first): " +
+             first_failure.ToString(),
+         {},
+         0});
+
   // 3. Live recipes → containers. A problem is reported once, with the
   // recipes that have it (a damaged container may be referenced by
   // thousands of blocks).
   std::map<uint64_t, std::set<Ref>> refs;  // container → referenced records
   std::set<uint64_t> bad_recipes;
   std::map<std::string, std::set<uint64_t>> problems;  // problem → recipes
+  if (!unreadable.empty()) {
+    std::set<uint64_t> ids;
+    for (const auto& [id, why] : unreadable) ids.insert(id);
+    bad_recipes.insert(ids.begin(), ids.end());
+    const auto& [first, why] = *unreadable.begin();
+    Error(ids.size() == 1 ? "segment recipe " + SegmentRecipeKey(first) + " cannot be read: " + why
+                          : std::to_string(ids.size()) + " segment recipes cannot be read (" +
+                                SegmentRecipeKey(first) + ": " + why + ")",
+          SnapshotsUsingRecipes(ids));
+  }
   for (uint64_t id : live_recipes) {
     auto it = recipes_.find(id);
-    if (it == recipes_.end()) continue;
+    if (it == recipes_.end() || unreadable.count(id)) continue;
     for (const BlockRef& b : it->second.blocks) {
       if (b.kind == BlockKind::kZero) continue;
       if (b.kind == BlockKind::kCds) {
@@ -576,8 +625,12 @@ Result<CheckReport> CheckRepository(Repository& repo, const CheckOptions& option
              0});
         continue;
       }
-      if (!options.vm.empty()) return vm.status();
-      report.findings.push_back({CheckFinding::Kind::kError, name, vm.status().ToString(), {}, 0});
+      if (!options.vm.empty() && !vm.status().IsCorruption()) return vm.status();
+      std::string msg = vm.status().ToString();
+      if (vm.status().IsCorruption())
+        msg += " ('vmdedup repair -r " + repo.path() + " --vm " + name +
+               "' salvages what can be read; docs/operations.md, \"Damage\")";
+      report.findings.push_back({CheckFinding::Kind::kError, name, msg, {}, 0});
       continue;
     }
     report.vms++;

@@ -55,6 +55,9 @@ struct CheckReport {
   // Damaged containers quarantined by this check (docs/format.md,
   // "Quarantine"): later backups store their blocks afresh.
   uint64_t quarantined = 0;
+  // Segment recipes that snapshots use and that are missing or unreadable,
+  // recorded by this check: later backups read those segments again.
+  uint64_t lost_recipes = 0;
   // VMs that were not checked because a backup or another check held them
   // (after CheckOptions::lock_wait_seconds), each with the holder.
   std::vector<std::pair<std::string, std::string>> vms_not_checked;

@@ -551,4 +551,28 @@ Status ForEachBlockRecord(
   return Status::OK();
 }
 
+Status VerifyContainerBlocks(std::string_view container, uint64_t expected_id,
+                             const std::string& what,
+                             const std::function<void(const VerifiedBlock&)>& fn) {
+  std::string plain;
+  Sha256Hasher hasher;
+  return ForEachBlockRecord(
+      container, expected_id, what, [&](const BlockRecordInfo& info, std::string_view record) {
+        const std::string at = what + " at offset " + std::to_string(info.offset);
+        RecordView view;
+        RETURN_IF_ERROR(RecordView::Parse(record, at, &view));
+        plain.resize(view.raw_len());
+        auto* bytes = reinterpret_cast<uint8_t*>(plain.data());
+        RETURN_IF_ERROR(view.DecodePrefix({bytes, plain.size()}, at));
+        for (uint32_t i = 0; i < view.block_count(); i++) {
+          RecordView::Block b = view.block(i);
+          if (hasher.Hash({bytes + b.plain_offset, b.raw_len}) != b.fingerprint)
+            return Status::Corruption(at + ": content of block " + std::to_string(i) +
+                                      " does not match its fingerprint");
+          fn({info.offset, info.record_len, i, b.raw_len, b.fingerprint});
+        }
+        return Status::OK();
+      });
+}
+
 }  // namespace vmdedup

@@ -178,4 +178,19 @@ Status ForEachBlockRecord(
     std::string_view container, uint64_t expected_id, const std::string& what,
     const std::function<Status(const BlockRecordInfo&, std::string_view record)>& fn);
 
+// One block of a container that VerifyContainerBlocks found sound.
+struct VerifiedBlock {
+  uint32_t offset = 0;      // of its record
+  uint32_t record_len = 0;  // of its record
+  uint32_t index = 0;       // in its record (0 but in a frame record)
+  uint32_t raw_len = 0;
+  Fingerprint fingerprint;
+};
+// ForEachBlockRecord, and every block of every record decompressed and
+// re-hashed against its fingerprint (Corruption naming the record and the
+// block when one does not match); `fn` sees each sound block in order.
+Status VerifyContainerBlocks(std::string_view container, uint64_t expected_id,
+                             const std::string& what,
+                             const std::function<void(const VerifiedBlock&)>& fn);
+
 }  // namespace vmdedup

@@ -19,6 +19,7 @@ enum RecordType : uint8_t {
   kContainer = 5,
   kCounter = 6,
   kQuarantine = 7,
+  kLostRecipe = 8,
 };
 // The record version each type is written with; a reader accepts 1 up to it.
 // Snapshots: 2 appends the CDS version, 3 the source format (written only
@@ -374,28 +375,58 @@ std::string QuarantineKey(uint64_t container_id) {
   return std::string(kQuarantineKeyPrefix) + Hex16(container_id);
 }
 
-std::string EncodeQuarantine(std::string_view key, const QuarantineRecord& r) {
-  ByteWriter w = Begin(kQuarantine);
-  w.Varint(r.container);
-  w.U64(static_cast<uint64_t>(r.time));
-  w.String(r.reason);
+namespace {
+
+// Quarantine and lost-recipe records share one body: varint id, u64 time,
+// string reason; the key names the id.
+std::string EncodeMark(RecordType type, std::string_view key, uint64_t id, int64_t time,
+                       const std::string& reason) {
+  ByteWriter w = Begin(type);
+  w.Varint(id);
+  w.U64(static_cast<uint64_t>(time));
+  w.String(reason);
   return Seal(key, w);
 }
 
-Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* r) {
+Status DecodeMark(RecordType type, std::string_view key, std::string_view value,
+                  const std::string& what, std::string (*key_of)(uint64_t), uint64_t* id,
+                  int64_t* time, std::string* reason) {
   std::string_view body;
-  RETURN_IF_ERROR(Open(key, value, kQuarantine, &body));
-  ByteReader in(body, "quarantine record '" + std::string(key) + "'");
+  RETURN_IF_ERROR(Open(key, value, type, &body));
+  ByteReader in(body, what + " '" + std::string(key) + "'");
   uint64_t t = 0;
-  RETURN_IF_ERROR(in.Varint(&r->container));
+  RETURN_IF_ERROR(in.Varint(id));
   RETURN_IF_ERROR(in.U64(&t));
-  RETURN_IF_ERROR(in.String(&r->reason));
-  r->time = static_cast<int64_t>(t);
+  RETURN_IF_ERROR(in.String(reason));
+  *time = static_cast<int64_t>(t);
   RETURN_IF_ERROR(Finish(in));
-  if (key != QuarantineKey(r->container))
-    return Status::Corruption("quarantine record '" + std::string(key) + "' names container " +
-                              Hex16(r->container));
+  if (key != key_of(*id))
+    return Status::Corruption(what + " '" + std::string(key) + "' names " + Hex16(*id));
   return Status::OK();
+}
+
+}  // namespace
+
+std::string EncodeQuarantine(std::string_view key, const QuarantineRecord& r) {
+  return EncodeMark(kQuarantine, key, r.container, r.time, r.reason);
+}
+
+Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* r) {
+  return DecodeMark(kQuarantine, key, value, "quarantine record", QuarantineKey, &r->container,
+                    &r->time, &r->reason);
+}
+
+std::string LostRecipeKey(uint64_t recipe_id) {
+  return std::string(kLostRecipeKeyPrefix) + Hex16(recipe_id);
+}
+
+std::string EncodeLostRecipe(std::string_view key, const LostRecipeRecord& r) {
+  return EncodeMark(kLostRecipe, key, r.recipe, r.time, r.reason);
+}
+
+Status DecodeLostRecipe(std::string_view key, std::string_view value, LostRecipeRecord* r) {
+  return DecodeMark(kLostRecipe, key, value, "lost recipe record", LostRecipeKey, &r->recipe,
+                    &r->time, &r->reason);
 }
 
 std::string EncodeVmInfo(std::string_view key, std::string_view vm, int64_t created) {

@@ -115,10 +115,20 @@ constexpr std::string_view kSegmentKeyPrefix = "seg/";
 constexpr std::string_view kContainerKeyPrefix = "ctr/";
 constexpr std::string_view kQuarantineKeyPrefix = "quarantine/";
 std::string QuarantineKey(uint64_t container_id);
+constexpr std::string_view kLostRecipeKeyPrefix = "lostseg/";
+std::string LostRecipeKey(uint64_t recipe_id);
 
 // A container `check` found damaged: backups take nothing from it.
 struct QuarantineRecord {
   uint64_t container = 0;
+  int64_t time = 0;  // unix seconds
+  std::string reason;
+};
+
+// A segment recipe that snapshots use and `check` found missing or
+// unreadable: backups read the segments using it again, never reuse it.
+struct LostRecipeRecord {
+  uint64_t recipe = 0;
   int64_t time = 0;  // unix seconds
   std::string reason;
 };
@@ -136,6 +146,8 @@ std::string EncodeCounter(std::string_view key, uint64_t v);
 Status DecodeCounter(std::string_view key, std::string_view value, uint64_t* v);
 std::string EncodeQuarantine(std::string_view key, const QuarantineRecord& r);
 Status DecodeQuarantine(std::string_view key, std::string_view value, QuarantineRecord* r);
+std::string EncodeLostRecipe(std::string_view key, const LostRecipeRecord& r);
+Status DecodeLostRecipe(std::string_view key, std::string_view value, LostRecipeRecord* r);
 std::string EncodeVmInfo(std::string_view key, std::string_view vm, int64_t created);
 Status DecodeVmInfo(std::string_view key, std::string_view value, std::string* vm,
                     int64_t* created);

@@ -430,8 +430,10 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
             "VM '" + vm + "' has " + std::to_string(objects.size() + temps.size()) +
             " container file(s) but no metadata store (" + dir +
             "/meta/CURRENT is missing): its snapshots cannot be read, and nothing is written "
-            "to it; run 'vmdedup check -r " +
-            path_ + "' and see docs/operations.md");
+            "to it; 'vmdedup repair -r " +
+            path_ + " --vm " + vm +
+            "' rebuilds a store that lost only CURRENT or MANIFEST (docs/operations.md, "
+            "\"Damage\")");
       }
     }
   }
@@ -465,6 +467,30 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     }
   }
   return vs;
+}
+
+Result<MetadataRepairReport> Repository::RepairVmMetadata(const std::string& vm) {
+  RETURN_IF_ERROR(ValidateName("VM", vm));
+  auto lock = TakeLockFile(path_, "vms/" + vm + "/lock");
+  if (!lock.ok()) {
+    if (lock.status().IsBusy())
+      return Status::Busy("VM '" + vm + "' is locked by " + lock.status().message() +
+                          " (a backup of it is running); wait for it to finish");
+    if (lock.status().IsNotFound())
+      return Status::NotFound("VM '" + vm + "' has no backups in repository " + path_);
+    return lock.status();
+  }
+  struct Release {
+    int fd;
+    ~Release() { ReleaseLockFile(fd); }
+  } release{*lock};
+  RETURN_IF_ERROR(RefuseLinksInVm(path_, vm));
+  ASSIGN_OR_RETURN(MetadataRepairReport report,
+                   RepairMetadataStore(path_ + "/vms/" + vm, options_.leveldb_env));
+  ASSIGN_OR_RETURN(auto meta, OpenLevelDbMetadataStore(path_ + "/vms/" + vm + "/meta", false,
+                                                       options_.leveldb_env));
+  RETURN_IF_ERROR(RecatalogContainers(*meta, *objects_, vm, &report));
+  return report;
 }
 
 Status Repository::RepairConfigCopies(std::vector<std::string>* repaired) {
@@ -599,21 +625,44 @@ Result<std::set<uint64_t>> VmStore::QuarantinedContainers() {
   return out;
 }
 
-Result<bool> VmStore::QuarantineContainer(uint64_t id, const std::string& reason) {
+namespace {
+
+int64_t NowSeconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Writes `value` under `key` (synced) unless the key is there; false then.
+Result<bool> PutIfAbsent(MetadataStore& meta, const std::string& key, const std::string& value) {
   std::string existing;
-  Status st = meta_->Get(QuarantineKey(id), &existing);
+  Status st = meta.Get(key, &existing);
   if (st.ok()) return false;
   if (!st.IsNotFound()) return st;
-  QuarantineRecord r;
-  r.container = id;
-  r.time = std::chrono::duration_cast<std::chrono::seconds>(
-               std::chrono::system_clock::now().time_since_epoch())
-               .count();
-  r.reason = reason;
   WriteBatch b;
-  b.Put(QuarantineKey(id), EncodeQuarantine(QuarantineKey(id), r));
-  RETURN_IF_ERROR(meta_->Write(b, true));
+  b.Put(key, value);
+  RETURN_IF_ERROR(meta.Write(b, true));
   return true;
+}
+
+}  // namespace
+
+Result<bool> VmStore::QuarantineContainer(uint64_t id, const std::string& reason) {
+  const std::string key = QuarantineKey(id);
+  return PutIfAbsent(*meta_, key, EncodeQuarantine(key, {id, NowSeconds(), reason}));
+}
+
+Result<std::set<uint64_t>> VmStore::LostRecipes() {
+  ASSIGN_OR_RETURN(std::vector<LostRecipeRecord> records,
+                   ScanRecords<LostRecipeRecord>(*meta_, kLostRecipeKeyPrefix, DecodeLostRecipe));
+  std::set<uint64_t> out;
+  for (const LostRecipeRecord& r : records) out.insert(r.recipe);
+  return out;
+}
+
+Result<bool> VmStore::RecordLostRecipe(uint64_t id, const std::string& reason) {
+  const std::string key = LostRecipeKey(id);
+  return PutIfAbsent(*meta_, key, EncodeLostRecipe(key, {id, NowSeconds(), reason}));
 }
 
 Result<std::set<uint64_t>> VmStore::UnusableContainers() {

@@ -32,6 +32,7 @@
 
 #include "base/status.h"
 #include "store/chunker_params.h"
+#include "store/metadata_repair.h"
 #include "store/metadata_store.h"
 #include "store/object_store.h"
 #include "store/records.h"
@@ -135,6 +136,10 @@ class Repository {
   };
   Result<std::unique_ptr<VmStore>> OpenVm(const std::string& vm, Access access);
 
+  // Salvages VM `vm`'s damaged metadata store (store/metadata_repair.h)
+  // under the VM's writer lock (Busy while a backup or check holds it).
+  Result<MetadataRepairReport> RepairVmMetadata(const std::string& vm);
+
   // The CDS lock: one `cds build` at a time per repository. Takes an
   // exclusive, non-blocking flock on REPO/cds/lock (created with its
   // directory if missing) and writes the pid into it; Busy "another cds
@@ -179,6 +184,12 @@ class VmStore {
   // catalogued but missing or not of the catalog's size. Looks at the size
   // of every catalogued container (one stat each).
   Result<std::set<uint64_t>> UnusableContainers();
+  // The segment recipes `check` found missing or unreadable while snapshots
+  // use them (docs/format.md, "Quarantine"): a backup reads those segments
+  // again instead of reusing the recipe.
+  Result<std::set<uint64_t>> LostRecipes();
+  // Records (synced) that recipe `id` is lost; false when it was already.
+  Result<bool> RecordLostRecipe(uint64_t id, const std::string& reason);
   Result<uint64_t> GetCounter(const std::string& name);  // 1 when never set
 
   // Reserves a container id durably, so that no two objects ever share one.

@@ -607,7 +607,7 @@ TEST_F(BackupImageTest, LostMetadataIsNeverRecreatedOverTheContainers) {
     auto r = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "qcow2:" + image_});
     EXPECT_EQ(r.exit_code, 1) << r.err;
     EXPECT_NE(r.err.find("no metadata store"), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find("vmdedup check"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("vmdedup repair"), std::string::npos) << r.err;
     EXPECT_EQ(containers(), before);
     EXPECT_FALSE(std::filesystem::exists(repo_ + "/vms/vm1/meta/CURRENT"));
     auto c = Vmdedup({"check", "-r", repo_, "--json"});
