@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -98,22 +99,30 @@ Status WriteRaw(SnapshotReader& reader, int fd, const std::string& path, bool ze
   };
   if (st.ok()) {
     std::vector<std::thread> threads;
-    unsigned n = std::max(1u, req.threads);
-    for (unsigned t = 0; t < n; t++) threads.emplace_back(worker);
+    const unsigned n = std::max(1u, req.threads);
+    unsigned finished = 0;  // workers that returned; guarded by mu
+    std::condition_variable finished_cv;
+    for (unsigned t = 0; t < n; t++) {
+      threads.emplace_back([&] {
+        worker();
+        std::lock_guard<std::mutex> lock(mu);
+        finished++;
+        finished_cv.notify_all();
+      });
+    }
     if (req.progress) {
-      for (;;) {
-        bool running = done_segments.load() < reader.segment_count();
+      // A progress report every 250 ms, and one as soon as the workers end.
+      for (bool running = true; running;) {
         {
-          std::lock_guard<std::mutex> lock(mu);
-          if (!st.ok()) running = false;
+          std::unique_lock<std::mutex> lock(mu);
+          running = !finished_cv.wait_for(lock, std::chrono::milliseconds(250),
+                                          [&] { return finished == n || !st.ok(); });
         }
         RestoreProgress p;
         p.total_bytes = snap.size;
         p.done_bytes = std::min(snap.size, done_segments.load() * snap.segment_size);
         p.written_bytes = written.load();
         req.progress(p);
-        if (!running) break;
-        std::this_thread::sleep_for(std::chrono::milliseconds(250));
       }
     }
     for (auto& t : threads) t.join();
