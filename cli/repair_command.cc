@@ -23,7 +23,11 @@ the copy must then read whole; every counter is raised above every id the
 salvaged records use, so that no id is ever handed out twice; then the copy
 takes the damaged store's place in one atomic step, and the damaged store is
 kept beside it as vms/VM/meta.damaged-TIME (remove it yourself once you are
-satisfied). A check of the VM follows: it names the snapshots that needed
+satisfied). Snapshots that were committed once (the VM's snapshot ledger
+lists them) and that the store no longer holds, because a log file was lost
+or the metadata was put back from an older copy, are recorded as lost, so
+that backups of the VM, which refuse it until then, go on without ever
+handing their numbers out again. A check of the VM follows: it names the snapshots that needed
 what the damaged blocks held (they cannot be restored whole) and records
 their lost segment recipes, so that the next backup stores those segments
 afresh and is whole again.
@@ -38,8 +42,9 @@ Options:
   -r, --repo REPO   repository (or $VMDEDUP_REPO)
   --vm VM           the VM whose metadata store to repair (required)
   --json            one JSON object: repaired, kept_as, records, bad_records,
-                    counters_raised, recatalogued, damaged_snapshots,
-                    lost_recipes, findings
+                    counters_raised, recatalogued, lost_snapshots,
+                    ledger_rewritten, damaged_snapshots, lost_recipes,
+                    findings
   -h, --help        this text
 
 Exit codes: 0 repaired (or nothing to repair) and every snapshot reads whole,
@@ -85,6 +90,8 @@ int RepairCommand(int argc, char** argv) {
                         {"bad_records", repair->bad_records},
                         {"counters_raised", repair->counters_raised},
                         {"recatalogued", repair->recatalogued},
+                        {"lost_snapshots", repair->lost_snapshots},
+                        {"ledger_rewritten", repair->ledger_rewritten},
                         {"damaged_snapshots", check->DamagedSnapshots()},
                         {"lost_recipes", check->lost_recipes},
                         {"findings", nlohmann::json::array()}};
@@ -102,7 +109,16 @@ int RepairCommand(int argc, char** argv) {
                   static_cast<unsigned long long>(repair->bad_records));
     std::printf("\nthe damaged store is kept as %s/vms/%s/%s; remove it when you are satisfied\n",
                 repo_path->c_str(), vm->c_str(), repair->kept_as.c_str());
+  }
+  if (!json)
     for (const auto& c : repair->counters_raised) std::printf("raised counter %s\n", c.c_str());
+  if (!json && repair->ledger_rewritten)
+    std::printf("the snapshot ledger did not decode: written again from the metadata store\n");
+  if (!json && !repair->lost_snapshots.empty()) {
+    std::printf("recorded %zu committed snapshot(s) the metadata store lost (gone for good):",
+                repair->lost_snapshots.size());
+    for (const auto& id : repair->lost_snapshots) std::printf(" %s", id.c_str());
+    std::printf("\n");
   }
   if (!json && !repair->recatalogued.empty())
     std::printf("catalogued %zu container(s) again from their objects (verified whole)\n",

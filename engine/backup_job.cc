@@ -238,6 +238,11 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
     if (plan) RollBackImageBitmaps(image_path, *plan, o);
     return snap.status();
   }
+  if (Status st = vm->RecordCommittedSnapshots(); !st.ok())
+    Note(o, "warning: snapshot " + snap->Id() +
+                " is committed, but the snapshot ledger could not be written (the next backup "
+                "writes it): " +
+                st.ToString());
   if (plan && plan->incremental) {
     Status st = RemoveBitmap(image_path, plan->export_name);
     if (!st.ok())

@@ -443,6 +443,11 @@ Result<std::vector<SnapshotRecord>> LiveBackup::RunInScratchArea(ScratchArea& ar
       failure = vm_->meta()->Write(commit_, true);
       if (failure.ok()) {
         for (DiskPlan& p : plans_) p.committed = true;
+        if (Status st = vm_->RecordCommittedSnapshots(); !st.ok())
+          Note("warning: the snapshots of " + o_.vm +
+               " are committed, but the snapshot ledger could not be written (the next backup "
+               "writes it): " +
+               st.ToString());
       } else {
         failure = failure.WithContext("commit the snapshots of " + o_.vm);
       }

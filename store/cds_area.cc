@@ -3,6 +3,7 @@
 // publishing a version, and finding what unfinished builds left behind.
 
 #include "store/cds_area.h"
+#include "store/framed_object.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -26,7 +27,6 @@ constexpr char kPointerMagic[8] = {'V', 'M', 'D', 'D', 'C', 'D', 'S', 'P'};
 constexpr char kQuarantineMagic[8] = {'V', 'M', 'D', 'D', 'Q', 'U', 'A', 'R'};
 constexpr char kManifestMagic[8] = {'V', 'M', 'D', 'D', 'C', 'D', 'S', 'M'};
 constexpr char kIndexMagic[8] = {'V', 'M', 'D', 'D', 'C', 'D', 'S', 'I'};
-constexpr size_t kFrameOverhead = 16;  // magic, length, crc
 constexpr size_t kIndexHeaderSize = 32;
 constexpr size_t kIndexTrailerSize = 4;
 constexpr std::string_view kVersionsPrefix = "cds/versions/";
@@ -86,44 +86,18 @@ std::string IndexWhat(uint64_t version, uint32_t part) {
 }
 
 // magic | u32 body length | body | u32 masked crc32c of all preceding bytes.
-std::string Frame(const char (&magic)[8], std::string_view body) {
-  ByteWriter w;
-  w.Bytes(magic, 8);
-  w.U32(static_cast<uint32_t>(body.size()));
-  w.Bytes(body.data(), body.size());
-  w.U32(MaskedCrc(w.buffer().data(), w.buffer().size()));
-  return w.Take();
-}
-
-// Checks a framed object and returns its body.
-Status Unframe(std::string_view data, const char (&magic)[8], const std::string& what,
-               std::string_view* body) {
-  if (data.size() < kFrameOverhead)
-    return Status::Corruption(what + ": truncated (" + std::to_string(data.size()) + " bytes)");
-  if (std::memcmp(data.data(), magic, 8) != 0) return Status::Corruption(what + ": bad magic");
-  uint64_t len = DecodeU32(Bytes(data) + 8);
-  if (data.size() != kFrameOverhead + len)
-    return Status::Corruption(what + ": body length " + std::to_string(len) +
-                              " does not match the object size " + std::to_string(data.size()));
-  uint32_t stored = DecodeU32(Bytes(data) + 12 + len);
-  if (crc32c::Unmask(stored) != crc32c::Value(data.data(), 12 + len))
-    return Status::Corruption(what + ": checksum mismatch");
-  *body = data.substr(12, len);
-  return Status::OK();
-}
-
 std::string EncodePointer(const CdsPointer& p) {
   ByteWriter body;
   body.Varint(p.current);
   body.Varint(p.published.size());
   for (uint64_t v : p.published) body.Varint(v);
-  return Frame(kPointerMagic, body.buffer());
+  return FrameObject(kPointerMagic, body.buffer());
 }
 
 Status DecodePointer(std::string_view data, CdsPointer* p) {
   std::string what = PointerWhat();
   std::string_view body;
-  RETURN_IF_ERROR(Unframe(data, kPointerMagic, what, &body));
+  RETURN_IF_ERROR(UnframeObject(data, kPointerMagic, what, &body));
   ByteReader in(body, what);
   uint64_t n = 0;
   RETURN_IF_ERROR(in.Varint(&p->current));
@@ -160,7 +134,7 @@ std::string EncodeManifest(const CdsVersionInfo& info) {
       {"seeds", info.seeds},
       {"containers", info.containers},
   };
-  return Frame(kManifestMagic, j.dump(2) + "\n");
+  return FrameObject(kManifestMagic, j.dump(2) + "\n");
 }
 
 uint64_t UnsignedField(const nlohmann::json& j, const char* key) {
@@ -179,7 +153,7 @@ std::string StringField(const nlohmann::json& j, const char* key) {
 Status DecodeManifest(std::string_view data, uint64_t version, CdsVersionInfo* info) {
   std::string what = ManifestWhat(version);
   std::string_view body;
-  RETURN_IF_ERROR(Unframe(data, kManifestMagic, what, &body));
+  RETURN_IF_ERROR(UnframeObject(data, kManifestMagic, what, &body));
   uint64_t format_version = 0;
   uint64_t parts = 0;
   try {
@@ -529,7 +503,7 @@ Result<std::set<uint64_t>> CdsArea::ReadQuarantine() {
   if (st.IsNotFound()) return std::set<uint64_t>{};
   RETURN_IF_ERROR(st);
   std::string_view body;
-  RETURN_IF_ERROR(Unframe(data, kQuarantineMagic, what, &body));
+  RETURN_IF_ERROR(UnframeObject(data, kQuarantineMagic, what, &body));
   ByteReader in(body, what);
   uint64_t n = 0;
   RETURN_IF_ERROR(in.Varint(&n));
@@ -560,7 +534,7 @@ Status CdsArea::AddToQuarantine(const std::set<uint64_t>& ids) {
   ByteWriter body;
   body.Varint(all.size());
   for (uint64_t id : all) body.Varint(id);
-  std::string data = Frame(kQuarantineMagic, body.buffer());
+  std::string data = FrameObject(kQuarantineMagic, body.buffer());
   return objects_->Put(kQuarantineObject,
                        {reinterpret_cast<const uint8_t*>(data.data()), data.size()});
 }

@@ -14,6 +14,7 @@
 #include "store/cds_area.h"
 #include "store/container.h"
 #include "store/records.h"
+#include "store/snapshot_ledger.h"
 
 namespace vmdedup {
 namespace {
@@ -317,6 +318,30 @@ Status VmCheck::Run() {
   report_.recipes += recipes_.size();
   report_.containers += containers_.size();
   report_.snapshots += snapshots_.size();
+
+  // 1b. The snapshot ledger: snapshots committed once and gone from the
+  // store (store/snapshot_ledger.h). What they used looks unreferenced.
+  const std::string repair = "'vmdedup repair -r " + repo_.path() + " --vm " + vm_.vm() + "'";
+  if (auto ledger = ReadLedger(*repo_.objects(), vm_.vm()); !ledger.ok()) {
+    MetadataError(ledger.status().ToString() +
+                  " (whether committed snapshots were lost cannot be "
+                  "told; " +
+                  repair + " writes the ledger again from the metadata store)");
+  } else if (ledger->has_value()) {
+    std::set<std::pair<std::string, uint64_t>> have;
+    for (const SnapshotRecord& s : snapshots_) have.insert({s.disk, s.seq});
+    std::vector<std::string> gone;
+    for (const auto& [key, state] : **ledger)
+      if (state == LedgerState::kCommitted && !have.count(key))
+        gone.push_back(vm_.vm() + "/" + key.first + "/" + std::to_string(key.second));
+    if (!gone.empty())
+      MetadataError(std::to_string(gone.size()) +
+                        " committed snapshot(s) are gone from the metadata store (the snapshot "
+                        "ledger lists them): a lost log file, or metadata put back from an older "
+                        "copy; backups of the VM are refused until " +
+                        repair + " records the loss",
+                    gone);
+  }
 
   // 2. Snapshots → segment lists → recipes.
   std::set<uint64_t> live_recipes;

@@ -20,6 +20,7 @@
 #include "store/metadata_store.h"
 #include "store/object_store.h"
 #include "store/records.h"
+#include "store/snapshot_ledger.h"
 
 namespace vmdedup {
 namespace {
@@ -306,6 +307,56 @@ Status RecatalogContainers(MetadataStore& meta, ObjectStore& objects, const std:
   RETURN_IF_ERROR(meta.Write(batch, true));
   report->recatalogued.insert(report->recatalogued.end(), added.begin(), added.end());
   return Status::OK();
+}
+
+Status ReconcileLedger(MetadataStore& meta, ObjectStore& objects, const std::string& vm,
+                       MetadataRepairReport* report) {
+  SnapshotLedger ledger;
+  auto read = ReadLedger(objects, vm);
+  if (!read.ok() && !read.status().IsCorruption()) return read.status();
+  if (!read.ok()) {
+    report->ledger_rewritten = true;
+  } else if (read->has_value()) {
+    ledger = **read;
+  }
+  std::map<std::string, uint64_t> seq_counters;  // disk → current counter
+  std::set<std::pair<std::string, uint64_t>> held;
+  RETURN_IF_ERROR(meta.Scan("", [&](std::string_view key, std::string_view value) {
+    std::string disk;
+    uint64_t seq = 0;
+    if (DiskSeqAfter(key, kSnapshotKeyPrefix, &disk, &seq)) {
+      held.insert({disk, seq});
+    } else if (key.starts_with("next/seq/")) {
+      uint64_t v = 0;
+      if (DecodeCounter(key, value, &v).ok()) seq_counters[std::string(key.substr(9))] = v;
+    }
+    return true;
+  }));
+  const SnapshotLedger before = ledger;
+  for (auto& [key, state] : ledger) {
+    if (state == LedgerState::kCommitted && !held.count(key)) {
+      state = LedgerState::kLost;
+      report->lost_snapshots.push_back(vm + "/" + key.first + "/" + std::to_string(key.second));
+    }
+  }
+  for (const auto& key : held) ledger[key] = LedgerState::kCommitted;
+  WriteBatch batch;
+  std::map<std::string, uint64_t> needed;
+  for (const auto& [key, state] : ledger)
+    needed[key.first] = std::max(needed[key.first], key.second + 1);
+  for (const auto& [disk, value] : needed) {
+    auto it = seq_counters.find(disk);
+    const uint64_t have = it == seq_counters.end() ? 1 : it->second;
+    if (have >= value) continue;
+    const std::string key = CounterKey("seq/" + disk);
+    batch.Put(key, EncodeCounter(key, value));
+    report->counters_raised.push_back(key + ": " + std::to_string(have) + " -> " +
+                                      std::to_string(value));
+  }
+  if (!batch.ops().empty()) RETURN_IF_ERROR(meta.Write(batch, true));
+  if (ledger == before && !report->ledger_rewritten && read.ok() && read->has_value())
+    return Status::OK();
+  return WriteLedger(objects, vm, ledger);
 }
 
 }  // namespace vmdedup

@@ -47,6 +47,10 @@ struct MetadataRepairReport {
   // Containers that recipes reference and the catalog had lost, found
   // whole on disk and catalogued again.
   std::vector<uint64_t> recatalogued;
+  // Snapshots the ledger lists as committed that the store does not hold:
+  // now recorded as lost ("vm/disk/seq").
+  std::vector<std::string> lost_snapshots;
+  bool ledger_rewritten = false;  // it did not decode: written again from the store
 };
 
 // Repairs the store in `vm_dir`/meta (`vm_dir` is the VM's directory below
@@ -61,5 +65,13 @@ Result<MetadataRepairReport> RepairMetadataStore(const std::string& vm_dir, leve
 // check to report. Adds the ids to `report`.
 Status RecatalogContainers(MetadataStore& meta, ObjectStore& objects, const std::string& vm,
                            MetadataRepairReport* report);
+
+// Brings VM `vm`'s snapshot ledger in line with its (repaired) store: the
+// committed snapshots the store lost are marked lost, the store's
+// snapshots committed, a ledger that does not decode written again, and
+// each disk's sequence counter raised above every snapshot the ledger
+// names, so that no lost snapshot's number is handed out again.
+Status ReconcileLedger(MetadataStore& meta, ObjectStore& objects, const std::string& vm,
+                       MetadataRepairReport* report);
 
 }  // namespace vmdedup

@@ -465,6 +465,24 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
     } else if (!st.ok()) {
       return st;
     }
+    // Metadata that lost committed snapshots is damaged: written to, it
+    // would hand their sequence numbers out again (store/snapshot_ledger.h).
+    const std::string repair = "'vmdedup repair -r " + path_ + " --vm " + vm + "'";
+    auto lost = vs->SnapshotsLostFromStore();
+    if (!lost.ok())
+      return lost.status().WithContext("VM '" + vm + "': nothing is written to it; " + repair +
+                                       " writes the ledger again from its metadata");
+    if (!lost->empty()) {
+      std::string ids;
+      for (size_t i = 0; i < lost->size() && i < 5; i++) ids += (i ? ", " : "") + (*lost)[i];
+      if (lost->size() > 5) ids += ", ...";
+      return Status::Corruption(
+          "VM '" + vm + "' lost " + std::to_string(lost->size()) + " committed snapshot(s) (" +
+          ids +
+          "): its snapshot ledger lists them, its metadata store has no record of them (a lost "
+          "log file, or metadata put back from an older copy); nothing is written to it. " +
+          repair + " salvages what is left and records the loss (docs/operations.md, \"Damage\")");
+    }
   }
   return vs;
 }
@@ -490,6 +508,7 @@ Result<MetadataRepairReport> Repository::RepairVmMetadata(const std::string& vm)
   ASSIGN_OR_RETURN(auto meta, OpenLevelDbMetadataStore(path_ + "/vms/" + vm + "/meta", false,
                                                        options_.leveldb_env));
   RETURN_IF_ERROR(RecatalogContainers(*meta, *objects_, vm, &report));
+  RETURN_IF_ERROR(ReconcileLedger(*meta, *objects_, vm, &report));
   return report;
 }
 

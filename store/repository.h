@@ -192,6 +192,14 @@ class VmStore {
   Result<bool> RecordLostRecipe(uint64_t id, const std::string& reason);
   Result<uint64_t> GetCounter(const std::string& name);  // 1 when never set
 
+  // The snapshot ledger (store/snapshot_ledger.h). The ids ("vm/disk/seq")
+  // of the snapshots it lists as committed that this store does not hold;
+  // empty without a ledger; Corruption when the ledger does not decode.
+  Result<std::vector<std::string>> SnapshotsLostFromStore();
+  // Writes the ledger: what it listed, and every snapshot this store holds
+  // as committed. Called by the writer after each commit.
+  Status RecordCommittedSnapshots();
+
   // Reserves a container id durably, so that no two objects ever share one.
   Result<uint64_t> AllocateContainerId() { return AllocateContainerIds(1); }
   // Reserves ids [first, first + n) with one synced write and returns first.

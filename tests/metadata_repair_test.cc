@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -298,6 +299,99 @@ TEST_F(MetadataRepairTest, ALostRecipeIsReadAgainEvenWhereNoBitIsDirty) {
   auto again = nlohmann::json::parse(Vmdedup({"check", "-r", repo_, "--read-data", "--json"}).out);
   EXPECT_EQ(Damaged(again), std::set<std::string>{"vm1/vda/1"});
   EXPECT_EQ(again["lost_recipes"], 0);  // recorded once
+}
+
+// Snapshots committed once and gone from the metadata store (a lost log,
+// metadata put back from an older copy) are damage, never a shorter
+// history: check names them and reports nothing of theirs reclaimable,
+// backups refuse the VM (they would hand the lost numbers out again), and
+// repair records the loss, after which the series goes on above them.
+TEST_F(MetadataRepairTest, CommittedSnapshotsTheStoreLostAreDamageUntilRepairRecordsThem) {
+  struct Loss {
+    const char* what;
+    std::function<void()> before_last_backups;  // runs after two backups
+    std::function<void()> apply;
+  };
+  const std::string old_meta = dir_.Sub("old-meta");
+  const std::vector<Loss> losses = {
+      {"lost log", [] {},
+       [&] {
+         for (const auto& e : fs::directory_iterator(repo_ + "/vms/vm1/meta"))
+           if (e.path().extension() == ".log") fs::remove(e.path());
+       }},
+      {"metadata put back from an older copy",
+       [&] { fs::copy(repo_ + "/vms/vm1/meta", old_meta, fs::copy_options::recursive); },
+       [&] {
+         fs::remove_all(repo_ + "/vms/vm1/meta");
+         fs::rename(old_meta, repo_ + "/vms/vm1/meta");
+       }},
+  };
+  for (const Loss& loss : losses) {
+    SCOPED_TRACE(loss.what);
+    fs::remove_all(repo_);
+    fs::remove_all(old_meta);
+    expected_.clear();
+    ASSERT_EQ(Vmdedup({"init", repo_}).exit_code, 0);
+    std::string data = RandomBytes(4 * kMiB, 43);
+    for (int i = 0; i < 4; i++) {
+      if (i == 2) loss.before_last_backups();
+      data.replace(static_cast<size_t>(i) * kMiB, 65536, RandomBytes(65536, 200 + i));
+      ASSERT_TRUE(WriteFileBytes(image_, data));
+      ASSERT_NE(BackupRaw(), "");
+    }
+    loss.apply();
+
+    auto c = Vmdedup({"check", "-r", repo_, "--json"});
+    EXPECT_EQ(c.exit_code, 3) << c.out;
+    auto cj = nlohmann::json::parse(c.out);
+    const std::set<std::string> gone = Damaged(cj);
+    EXPECT_FALSE(gone.empty()) << c.out;
+    EXPECT_EQ(cj["reclaimable_bytes"], 0) << c.out;  // the lost snapshots' containers are kept
+    auto refused =
+        Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "raw:" + image_});
+    EXPECT_EQ(refused.exit_code, 1);
+    EXPECT_NE(refused.err.find("lost"), std::string::npos) << refused.err;
+    EXPECT_NE(refused.err.find("vmdedup repair"), std::string::npos) << refused.err;
+
+    auto r = Vmdedup({"repair", "-r", repo_, "--vm", "vm1", "--json"});
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    auto rj = nlohmann::json::parse(r.out);
+    std::set<std::string> recorded;
+    for (const auto& id : rj["lost_snapshots"]) recorded.insert(id.get<std::string>());
+    EXPECT_EQ(recorded, gone) << r.out;
+    for (const auto& id : gone) expected_.erase(id);
+    EXPECT_TRUE(ExpectRestoresMatch({}).empty());
+    // The series goes on above the lost numbers.
+    const std::string next = BackupRaw();
+    EXPECT_EQ(next, "vm1/vda/5");
+    EXPECT_EQ(Vmdedup({"check", "-r", repo_, "--read-data"}).exit_code, 0);
+  }
+}
+
+// A ledger that does not decode: backups refuse the VM (whether snapshots
+// were lost cannot be told), repair writes it again from the store. A VM
+// without a ledger (backed up by an older vmdedup) gets one at its next
+// backup.
+TEST_F(MetadataRepairTest, ADamagedLedgerIsWrittenAgainByRepairAndAMissingOneByTheNextBackup) {
+  MakeSeries();
+  const std::string ledger = repo_ + "/vms/vm1/ledger";
+  std::string bytes = ReadFileBytes(ledger);
+  ASSERT_FALSE(bytes.empty());
+  bytes[bytes.size() / 2] ^= 0x10;
+  ASSERT_TRUE(WriteFileBytes(ledger, bytes));
+  EXPECT_EQ(Vmdedup({"check", "-r", repo_}).exit_code, 3);
+  auto refused = Vmdedup({"backup", "-r", repo_, "--vm", "vm1", "--disk", "vda", "raw:" + image_});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_NE(refused.err.find("snapshot ledger"), std::string::npos) << refused.err;
+  auto r = Vmdedup({"repair", "-r", repo_, "--vm", "vm1", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_TRUE(nlohmann::json::parse(r.out)["ledger_rewritten"].get<bool>()) << r.out;
+  EXPECT_EQ(Vmdedup({"check", "-r", repo_}).exit_code, 0);
+  ASSERT_TRUE(fs::remove(ledger));
+  EXPECT_EQ(Vmdedup({"check", "-r", repo_}).exit_code, 0);
+  ASSERT_NE(BackupRaw(), "");
+  EXPECT_TRUE(fs::exists(ledger));
+  EXPECT_TRUE(ExpectRestoresMatch({}).empty());
 }
 
 }  // namespace
