@@ -195,7 +195,7 @@ int Build(const Args& args) {
   if (draw) std::fprintf(stderr, "\r\033[K");
   if (!r.ok()) return ReportError(r.status());
   if (json) {
-    std::puts(ResultJson(*r).dump().c_str());
+    PrintJson(ResultJson(*r));
     return kExitOk;
   }
   if (quiet) return kExitOk;
@@ -274,7 +274,7 @@ int StatusOf(const Args& args) {
                                {"selection", v.selection},
                                {"seeds", v.seeds},
                                {"snapshots", refs[v.version]}});
-    std::puts(j.dump().c_str());
+    PrintJson(j);
     return kExitOk;
   }
   if (versions.empty()) {

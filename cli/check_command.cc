@@ -145,7 +145,7 @@ int CheckCommand(int argc, char** argv) {
                                {"message", f.message},
                                {"snapshots", f.snapshots},
                                {"bytes", f.bytes}});
-    std::puts(j.dump().c_str());
+    PrintJson(j);
   } else {
     for (const auto& f : r.findings) {
       std::printf("%s: %s%s%s\n", KindName(f.kind),

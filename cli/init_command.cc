@@ -111,7 +111,7 @@ int InitCommand(int argc, char** argv) {
                         {"compression_level", c.compression_level},
                         {"frame_size", c.frame_size},
                         {"container_capacity", c.container_capacity}};
-    std::puts(j.dump().c_str());
+    PrintJson(j);
   } else {
     std::printf(
         "created repository %s (id %s): %s segments, %s chunking, zstd level %d, %s, "

@@ -58,6 +58,7 @@ nlohmann::json SnapshotJson(const SnapshotRecord& s) {
       {"image_bytes", s.image_bytes != 0 ? s.image_bytes : s.size},
       {"segment_size", s.segment_size},
       {"chunker", ChunkerKindName(s.chunker.kind)},
+      {"tags", s.tags},
   };
 }
 
@@ -85,5 +86,11 @@ void ProgressLine::Finish() {
   if (drawn_) std::fprintf(stderr, "\r\033[K");
   drawn_ = false;
 }
+
+std::string JsonText(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+void PrintJson(const nlohmann::json& j) { std::puts(JsonText(j).c_str()); }
 
 }  // namespace vmdedup::cli

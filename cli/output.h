@@ -35,6 +35,11 @@ int ReportError(const Status& st);
 Result<std::unique_ptr<Repository>> OpenRepository(const std::string& path);
 
 nlohmann::json SnapshotJson(const SnapshotRecord& s);
+// The one-line text of `j`; bytes that are not UTF-8 (a damaged file's
+// name or content quoted in a message) become U+FFFD instead of throwing.
+std::string JsonText(const nlohmann::json& j);
+// JsonText(j) and a newline on stdout.
+void PrintJson(const nlohmann::json& j);
 
 class ProgressLine {
  public:

@@ -98,7 +98,7 @@ int RepairCommand(int argc, char** argv) {
     for (const auto& f : check->findings)
       if (f.kind == CheckFinding::Kind::kError)
         j["findings"].push_back({{"message", f.message}, {"snapshots", f.snapshots}});
-    std::puts(j.dump().c_str());
+    PrintJson(j);
   } else if (!repair->repaired) {
     std::printf("the metadata store of VM %s reads whole: nothing to salvage\n", vm->c_str());
   } else {

@@ -121,7 +121,7 @@ int RestoreCommand(int argc, char** argv) {
                         {"format", req.format},
                         {"size", result->size},
                         {"written", result->written_bytes}};
-    std::puts(j.dump().c_str());
+    PrintJson(j);
   } else if (!args->Has("quiet")) {
     std::printf("restored %s to %s (%s, %s of data)\n", snap->Id().c_str(), req.path.c_str(),
                 HumanSize(result->size).c_str(), HumanSize(result->written_bytes).c_str());

@@ -554,7 +554,7 @@ int ServeCommand(int argc, char** argv) {
     } else {
       j["socket"] = socket_path;
     }
-    std::puts(j.dump().c_str());
+    PrintJson(j);
   } else {
     std::puts(uri.c_str());
   }

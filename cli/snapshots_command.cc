@@ -87,7 +87,7 @@ int SnapshotsCommand(int argc, char** argv) {
     if (!snaps.ok()) return ReportError(snaps.status());
     for (const SnapshotRecord& s : *snaps) {
       if (json) {
-        std::puts(SnapshotJson(s).dump().c_str());
+        PrintJson(SnapshotJson(s));
         continue;
       }
       std::printf("%-28s %-8s %-19s %10s %10s %10s %10s %10s %10s %10s %10s\n", s.Id().c_str(),

@@ -201,7 +201,7 @@ int StatsCommand(int argc, char** argv) {
                 {"blocks", cds.blocks},           {"bytes", cds.bytes},
                 {"stored", cds.stored},           {"index_memory", cds.index_memory},
                 {"hit_rate", cds.HitRate()}};
-    std::puts(j.dump().c_str());
+    PrintJson(j);
     return kExitOk;
   }
   std::printf("%-16s %5s %10s %10s %10s %10s %10s %10s %10s %10s %10s %10s %10s\n", "VM", "SNAPS",

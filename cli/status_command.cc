@@ -160,7 +160,7 @@ int StatusCommand(int argc, char** argv) {
 
   const int exit_code = repo_errors == 0 ? kExitOk : kExitFailure;
   if (json) {
-    std::puts(out.dump().c_str());
+    PrintJson(out);
     return exit_code;
   }
   std::printf("QEMU %s at %s\n", (*qmp)->qemu_version().c_str(), socket.c_str());
@@ -198,7 +198,7 @@ int StatusCommand(int argc, char** argv) {
   }
   if (!left.empty())
     std::printf("left by an interrupted backup (removed by the next one): %s\n",
-                left.dump().c_str());
+                JsonText(left).c_str());
   if (repo_errors > 0)
     std::fprintf(stderr,
                  "vmdedup: %d disk series of the repository could not be read (shown above); "

@@ -134,7 +134,8 @@ std::string EncodeManifest(const CdsVersionInfo& info) {
       {"seeds", info.seeds},
       {"containers", info.containers},
   };
-  return FrameObject(kManifestMagic, j.dump(2) + "\n");
+  return FrameObject(kManifestMagic,
+                     j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }
 
 uint64_t UnsignedField(const nlohmann::json& j, const char* key) {

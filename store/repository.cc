@@ -48,7 +48,7 @@ std::string EncodeConfig(const RepoConfig& c) {
       {"container_capacity", c.container_capacity},
   };
   if (c.format_version >= 2) j["frame_size"] = c.frame_size;
-  std::string body = j.dump(2) + "\n";
+  std::string body = j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
   ByteWriter w;
   w.Bytes(kConfigMagic, 8);
   w.U32(static_cast<uint32_t>(body.size()));
