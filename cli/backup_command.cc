@@ -67,6 +67,8 @@ Options:
                       answer within 2 s, warn and go on
   --qga SOCKET        qemu: the guest agent's chardev socket
   --full              ignore bitmaps and read every allocated extent
+  --tag TAG           record TAG with the snapshot (forget --keep-tag keeps it);
+                      may be given more than once; TAG as a VM name
   --threads N         worker threads for chunking, hashing, compression
                       (default: the number of cores)
   --timeout SECONDS   NBD sources and qcow2 images: fail when the server (or
@@ -142,6 +144,7 @@ int BackupCommand(int argc, char** argv) {
                            {"format", 0, true},
                            {"backing-chain", 0, false},
                            {"full", 0, false},
+                           {"tag", 0, true},
                            {"threads", 0, true},
                            {"timeout", 0, true},
                            {"priority", 0, true},
@@ -180,6 +183,9 @@ int BackupCommand(int argc, char** argv) {
   if (!priority.ok()) return ReportError(priority.status());
   // Before any thread starts (LevelDB's among them), so that all inherit it.
   if (Status st = ApplyPriority(*priority); !st.ok()) return ReportError(st);
+  const std::vector<std::string> tags = args->GetAll("tag");
+  for (const std::string& tag : tags)
+    if (Status st = ValidateName("tag", tag); !st.ok()) return ReportError(st);
   auto repo = OpenRepository(*repo_path);
   if (!repo.ok()) return ReportError(repo.status());
 
@@ -192,6 +198,7 @@ int BackupCommand(int argc, char** argv) {
     o.qmp_socket = args->positionals()[0].substr(5);
     o.disks = args->GetAll("disk");
     o.full = args->Has("full");
+    o.tags = tags;
     o.threads = *threads;
     o.scratch_dir = args->Get("scratch-dir").value_or("");
     o.fsfreeze = args->Has("fsfreeze");
@@ -224,7 +231,7 @@ int BackupCommand(int argc, char** argv) {
     if (json) {
       nlohmann::json all = nlohmann::json::array();
       for (const auto& s : *snaps) all.push_back(SnapshotJson(s));
-      std::puts(all.dump().c_str());
+      PrintJson(all);
     } else if (!quiet) {
       for (const auto& s : *snaps) PrintReport(s);
     }
@@ -245,6 +252,7 @@ int BackupCommand(int argc, char** argv) {
   o.format = args->Get("format").value_or("");
   o.backing_chain = args->Has("backing-chain");
   o.full = args->Has("full");
+  o.tags = tags;
   o.threads = *threads;
   o.cancel = &CancelFlag();
   o.io_timeout_seconds = io_timeout;
@@ -269,7 +277,7 @@ int BackupCommand(int argc, char** argv) {
   }
   const SnapshotRecord& s = *snap;
   if (json) {
-    std::puts(SnapshotJson(s).dump().c_str());
+    PrintJson(SnapshotJson(s));
   } else if (!quiet) {
     PrintReport(s);
   }

@@ -349,6 +349,7 @@ Status BackupRun::Prepare() {
   snap_.read_mode = req_.read_mode;
   snap_.bitmap = req_.bitmap;
   snap_.source_format = req_.source_format;
+  snap_.tags = req_.tags;
   snap_.cds_version = cds_->version();
   snap_.time = req_.time ? req_.time
                          : std::chrono::duration_cast<std::chrono::seconds>(

@@ -26,6 +26,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "base/status.h"
 #include "engine/common_block_index.h"
@@ -59,7 +60,8 @@ struct BackupRequest {
   std::function<void(const BackupProgress&)> progress;
   // One-line notes for the user (containers found unusable).
   std::function<void(const std::string&)> note;
-  int64_t time = 0;  // the consistent instant; 0 = now
+  int64_t time = 0;               // the consistent instant; 0 = now
+  std::vector<std::string> tags;  // recorded with the snapshot (forget --keep-tag)
   // Null: RunBackup commits the snapshot itself. Otherwise the final batch
   // (snapshot record, segment list, series counter) is appended here and not
   // written: the snapshot exists once the caller writes this batch with

@@ -147,6 +147,7 @@ Result<SnapshotRecord> RunBackupJob(Repository& repo, const BackupJobOptions& o)
   req.parent = parent;
   req.threads = o.threads;
   req.cds = o.cds;
+  req.tags = o.tags;
   req.cancel = o.cancel;
   req.progress = o.progress;
   req.note = o.note;

@@ -21,6 +21,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "base/status.h"
 #include "engine/backup.h"
@@ -36,6 +37,7 @@ struct BackupJobOptions {
   bool backing_chain = false;         // read a qcow2 image's backing chain
   std::optional<std::string> bitmap;  // caller-managed bitmap on an NBD URI
   bool full = false;                  // ignore bitmaps: read every allocated extent
+  std::vector<std::string> tags;      // recorded with the snapshot
   unsigned threads = 2;
   const CommonBlockIndex* cds = nullptr;
   const std::atomic<bool>* cancel = nullptr;  // also ends a wait on an NBD server

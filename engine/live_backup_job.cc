@@ -190,8 +190,9 @@ Status LiveBackup::PlanBitmaps(DiskPlan& p, uint64_t next_seq) {
       newer_ok = false;
     } else {
       recovered = true;
-      Note(series + ": merged " + names.dump() + " (left by an interrupted backup) into " +
-           old->name);
+      Note(series + ": merged " +
+           names.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) +
+           " (left by an interrupted backup) into " + old->name);
       newer.clear();
     }
   }
@@ -305,6 +306,7 @@ Status LiveBackup::BackUpDisk(DiskPlan& p, const std::string& uri, int64_t insta
   req.bitmap = p.new_bitmap;
   req.threads = o_.threads;
   req.cds = o_.cds;
+  req.tags = o_.tags;
   req.cancel = o_.cancel;
   if (o_.progress) {
     const std::string name = p.disk.name;

@@ -55,6 +55,7 @@ struct LiveBackupOptions {
   std::string qmp_socket;          // QEMU's QMP unix socket
   std::vector<std::string> disks;  // series name, qdev id, drive or node name; empty: all writable
   bool full = false;               // read every allocated extent (bitmaps still rotate)
+  std::vector<std::string> tags;   // recorded with every disk's snapshot
   unsigned threads = 2;
   // Where the scratch area lives (see dirty-bitmap/live_fleece.h); empty:
   // $TMPDIR, else /var/tmp. QEMU writes the old content of every block the

@@ -331,9 +331,15 @@ Status VmCheck::Run() {
     std::set<std::pair<std::string, uint64_t>> have;
     for (const SnapshotRecord& s : snapshots_) have.insert({s.disk, s.seq});
     std::vector<std::string> gone;
-    for (const auto& [key, state] : **ledger)
-      if (state == LedgerState::kCommitted && !have.count(key))
-        gone.push_back(vm_.vm() + "/" + key.first + "/" + std::to_string(key.second));
+    for (const auto& [key, state] : **ledger) {
+      const std::string id = vm_.vm() + "/" + key.first + "/" + std::to_string(key.second);
+      if (state == LedgerState::kCommitted && !have.count(key)) gone.push_back(id);
+      if (state == LedgerState::kForgotten && have.count(key))
+        Reclaimable("snapshot " + id +
+                        " was forgotten but its records remain (an interrupted forget; the next "
+                        "forget of the VM removes them)",
+                    0);
+    }
     if (!gone.empty())
       MetadataError(std::to_string(gone.size()) +
                         " committed snapshot(s) are gone from the metadata store (the snapshot "

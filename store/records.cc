@@ -24,10 +24,10 @@ enum RecordType : uint8_t {
 // The record version each type is written with; a reader accepts 1 up to it.
 // Snapshots: 2 appends the CDS version, 3 the source format (written only
 // when there is one), 4 the image's exact length (only when it is not the
-// virtual size). Segment recipes: 2 appends each block's index in its
-// record (written only when one is not 0).
+// virtual size), 5 the tags (only when there are some). Segment recipes: 2 appends each block's
+// index in its record (written only when one is not 0).
 uint8_t CurrentVersion(RecordType type) {
-  if (type == kSnapshot) return 4;
+  if (type == kSnapshot) return 5;
   return type == kSegmentRecipe ? 2 : 1;
 }
 
@@ -175,7 +175,8 @@ std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
   // Without a source format the record is version 2, as a repository of
   // format version 1 needs for an older vmdedup to read it.
   const bool odd_length = r.image_bytes != 0 && r.image_bytes != r.size;
-  ByteWriter w = Begin(kSnapshot, odd_length ? 4 : r.source_format.empty() ? 2 : 3);
+  const bool tagged = !r.tags.empty();
+  ByteWriter w = Begin(kSnapshot, tagged ? 5 : odd_length ? 4 : r.source_format.empty() ? 2 : 3);
   w.String(r.vm);
   w.String(r.disk);
   w.Varint(r.seq);
@@ -193,9 +194,13 @@ std::string EncodeSnapshot(std::string_view key, const SnapshotRecord& r) {
   w.String(r.source);
   w.String(r.read_mode);
   w.String(r.bitmap);
-  w.Varint(r.cds_version);                                                // record version 2
-  if (!r.source_format.empty() || odd_length) w.String(r.source_format);  // version 3
-  if (odd_length) w.Varint(r.image_bytes);                                // version 4
+  w.Varint(r.cds_version);  // record version 2
+  if (!r.source_format.empty() || odd_length || tagged) w.String(r.source_format);  // version 3
+  if (odd_length || tagged) w.Varint(odd_length ? r.image_bytes : r.size);          // version 4
+  if (tagged) {                                                                     // version 5
+    w.Varint(r.tags.size());
+    for (const std::string& t : r.tags) w.String(t);
+  }
   return Seal(key, w);
 }
 
@@ -237,6 +242,14 @@ Status DecodeSnapshot(std::string_view key, std::string_view value, SnapshotReco
     if (r->image_bytes > r->size || r->size - r->image_bytes >= 512)
       return Status::Corruption(in.what() + ": image bytes " + std::to_string(r->image_bytes) +
                                 " do not round up to the size " + std::to_string(r->size));
+  }
+  r->tags.clear();
+  if (version >= 5) {
+    uint64_t n = 0;
+    RETURN_IF_ERROR(in.Varint(&n));
+    if (n > in.remaining()) return Status::Corruption(in.what() + ": tag count out of bounds");
+    r->tags.resize(n);
+    for (std::string& t : r->tags) RETURN_IF_ERROR(in.String(&t));
   }
   if (r->segment_size == 0) return Status::Corruption(in.what() + ": segment size 0");
   if (r->segment_count != (r->size + r->segment_size - 1) / r->segment_size)

@@ -61,6 +61,8 @@ struct SnapshotRecord {
   // The raw image file's exact length when it is no multiple of 512 (the
   // virtual size is rounded up to a sector, as QEMU does); 0: the size.
   uint64_t image_bytes = 0;
+  // Set by `backup --tag`; kept by `forget --keep-tag` (record version 5).
+  std::vector<std::string> tags;
   std::string Id() const { return vm + "/" + disk + "/" + std::to_string(seq); }
 };
 

@@ -199,6 +199,13 @@ class VmStore {
   // Writes the ledger: what it listed, and every snapshot this store holds
   // as committed. Called by the writer after each commit.
   Status RecordCommittedSnapshots();
+  // Removes snapshots (docs/format.md, "Forget"): the ledger marks them
+  // forgotten, then one synced batch deletes their records. Recipes and
+  // containers stay for gc.
+  Status ForgetSnapshots(const std::vector<SnapshotRecord>& snapshots);
+  // Snapshots the ledger marks forgotten whose records remain (a forget
+  // that was interrupted): the next forget finishes them.
+  Result<std::vector<SnapshotRecord>> ForgetInProgress();
 
   // Reserves a container id durably, so that no two objects ever share one.
   Result<uint64_t> AllocateContainerId() { return AllocateContainerIds(1); }

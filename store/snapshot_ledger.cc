@@ -40,8 +40,8 @@ Status DecodeLedger(std::string_view data, const std::string& what, SnapshotLedg
     RETURN_IF_ERROR(in.String(&disk));
     RETURN_IF_ERROR(in.Varint(&seq));
     RETURN_IF_ERROR(in.U8(&state));
-    if (state != static_cast<uint8_t>(LedgerState::kCommitted) &&
-        state != static_cast<uint8_t>(LedgerState::kLost))
+    if (state < static_cast<uint8_t>(LedgerState::kCommitted) ||
+        state > static_cast<uint8_t>(LedgerState::kForgotten))
       return Status::Corruption(what + ": unknown state " + std::to_string(state) + " of " + disk +
                                 "/" + std::to_string(seq));
     if (!ledger->emplace(std::make_pair(disk, seq), static_cast<LedgerState>(state)).second)
@@ -88,7 +88,9 @@ Status VmStore::RecordCommittedSnapshots() {
   bool changed = !ledger.has_value();
   for (const SnapshotRecord& s : held) {
     auto [it, added] = out.emplace(std::make_pair(s.disk, s.seq), LedgerState::kCommitted);
-    if (!added && it->second != LedgerState::kCommitted) {
+    // A forgotten snapshot whose records remain (an interrupted forget)
+    // stays forgotten.
+    if (!added && it->second == LedgerState::kLost) {
       it->second = LedgerState::kCommitted;
       added = true;
     }
@@ -96,6 +98,35 @@ Status VmStore::RecordCommittedSnapshots() {
   }
   if (!changed) return Status::OK();
   return WriteLedger(*objects_, vm_, out);
+}
+
+Status VmStore::ForgetSnapshots(const std::vector<SnapshotRecord>& snapshots) {
+  if (snapshots.empty()) return Status::OK();
+  ASSIGN_OR_RETURN(std::optional<SnapshotLedger> ledger, ReadLedger(*objects_, vm_));
+  SnapshotLedger out = ledger ? *ledger : SnapshotLedger{};
+  // The ledger first: a crash before the records are deleted leaves a
+  // forget in progress, never a committed snapshot the store lacks.
+  for (const SnapshotRecord& s : snapshots)
+    out[std::make_pair(s.disk, s.seq)] = LedgerState::kForgotten;
+  RETURN_IF_ERROR(WriteLedger(*objects_, vm_, out).WithContext("write the snapshot ledger"));
+  WriteBatch batch;
+  for (const SnapshotRecord& s : snapshots) {
+    batch.Delete(SnapshotKey(s.disk, s.seq));
+    batch.Delete(SnapshotSegmentsKey(s.disk, s.seq));
+  }
+  return meta_->Write(batch, true);
+}
+
+Result<std::vector<SnapshotRecord>> VmStore::ForgetInProgress() {
+  ASSIGN_OR_RETURN(std::optional<SnapshotLedger> ledger, ReadLedger(*objects_, vm_));
+  std::vector<SnapshotRecord> out;
+  if (!ledger) return out;
+  ASSIGN_OR_RETURN(std::vector<SnapshotRecord> held, ListSnapshots());
+  for (SnapshotRecord& s : held) {
+    auto it = ledger->find({s.disk, s.seq});
+    if (it != ledger->end() && it->second == LedgerState::kForgotten) out.push_back(std::move(s));
+  }
+  return out;
 }
 
 }  // namespace vmdedup

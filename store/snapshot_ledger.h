@@ -10,7 +10,8 @@
 // those the metadata store holds. A backup writes the ledger after its
 // snapshot is committed (a crash between leaves the ledger behind, never
 // ahead); `repair` marks the committed snapshots the store lost as lost
-// (acknowledged). A VM backed up before the ledger existed has none until
+// (acknowledged); `forget` marks snapshots forgotten before it deletes
+// their records. A VM backed up before the ledger existed has none until
 // its next backup.
 //
 // Pure encoding plus reads and writes through an ObjectStore; the VM's
@@ -30,7 +31,8 @@ namespace vmdedup {
 
 enum class LedgerState : uint8_t {
   kCommitted = 1,
-  kLost = 2,  // committed once, lost with damaged metadata; `repair` acknowledged it
+  kLost = 2,       // committed once, lost with damaged metadata; `repair` acknowledged it
+  kForgotten = 3,  // removed by `forget` (its records may remain: a forget in progress)
 };
 
 // (disk, seq) → state.
