@@ -113,7 +113,8 @@ Status JsonLineSocket::SendRaw(const std::string& bytes, int timeout_ms) {
 }
 
 Status JsonLineSocket::Send(const nlohmann::json& message, int timeout_ms) {
-  return SendRaw(message.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n", timeout_ms);
+  return SendRaw(message.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n",
+                 timeout_ms);
 }
 
 Status JsonLineSocket::FillBuffer(int64_t deadline) {
@@ -268,7 +269,9 @@ Result<nlohmann::json> QmpClient::Execute(const std::string& command,
       if (cls == "DeviceNotFound") return Status::NotFound(text);
       return Status::IOError(text);
     }
-    return Status::IOError("QEMU " + command + ": unexpected reply " + r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).substr(0, 200));
+    return Status::IOError(
+        "QEMU " + command + ": unexpected reply " +
+        r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).substr(0, 200));
   }
 }
 
@@ -318,7 +321,8 @@ Result<std::string> QmpClient::HumanMonitorCommand(const std::string& command_li
                                                    int timeout_ms) {
   ASSIGN_OR_RETURN(auto r,
                    Execute("human-monitor-command", {{"command-line", command_line}}, timeout_ms));
-  return r.is_string() ? r.get<std::string>() : r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return r.is_string() ? r.get<std::string>()
+                       : r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 std::string QmpErrorClass(const Status& status) {

@@ -51,6 +51,7 @@ class FaultInjectingObjectStore final : public ObjectStore {
   Status Put(const std::string& name, std::span<const uint8_t> data) override {
     FaultPlan::Kind fault = NextWriteFault(*plan_);
     if (fault == FaultPlan::Kind::kNone) return base_->Put(name, data);
+    plan_->NoteFault(name);
     if (fault == FaultPlan::Kind::kShortWrite) {
       // A medium that broke Put's atomicity: the tail is lost but the name
       // holds the head. Readers must report the truncated object.
@@ -117,7 +118,10 @@ class FaultInjectingMetadataStore final : public MetadataStore {
     FaultPlan::Kind fault = NextWriteFault(*plan_);
     // Every fault, a short write included, leaves the batch unapplied: a
     // metadata batch is atomic, a torn one is dropped on recovery.
-    if (fault != FaultPlan::Kind::kNone) return InjectedError(fault, "metadata write");
+    if (fault != FaultPlan::Kind::kNone) {
+      plan_->NoteFault("metadata");
+      return InjectedError(fault, "metadata write");
+    }
     return base_->Write(batch, sync);
   }
 

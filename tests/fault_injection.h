@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "store/metadata_store.h"
 #include "store/object_store.h"
@@ -42,6 +43,19 @@ struct FaultPlan {
   std::atomic<Kind> kind{Kind::kNone};
   std::atomic<bool> fail_reads{false};  // reads return IOError while set
   std::atomic<uint64_t> faults_injected{0};
+  // What the first fault hit: an object's name, or "metadata".
+  std::string FirstFault() const {
+    std::lock_guard<std::mutex> lock(mu);
+    return first_fault;
+  }
+  void NoteFault(const std::string& what) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (first_fault.empty()) first_fault = what;
+  }
+
+ private:
+  mutable std::mutex mu;
+  std::string first_fault;
 };
 
 std::unique_ptr<ObjectStore> NewFaultInjectingObjectStore(ObjectStore* base,

@@ -302,8 +302,24 @@ class FaultInjectionBackupTest : public ::testing::Test {
       return;
     }
     fired_++;
-    ASSERT_FALSE(snap.ok()) << when << ": a fault was injected but the backup committed "
-                            << snap->Id();
+    if (snap.ok()) {
+      // The one write after the commit: the snapshot ledger. Its failure
+      // leaves the snapshot committed (a warning says so) and the ledger
+      // behind the store; a torn one (a short write) stops the next
+      // backups until `repair` writes it again, as docs/operations.md says.
+      ASSERT_EQ(plan->FirstFault(), "vms/vm1/ledger")
+          << when << ": a fault was injected but the backup committed " << snap->Id();
+      expected_[snap->seq] = attempt_sha;
+      if (kind == Kind::kShortWrite) {
+        auto repo = Repository::Open(repo_path_);
+        ASSERT_TRUE(repo.ok()) << repo.status().ToString();
+        auto repaired = (*repo)->RepairVmMetadata("vm1");
+        ASSERT_TRUE(repaired.ok()) << when << ": " << repaired.status().ToString();
+        EXPECT_TRUE(repaired->ledger_rewritten) << when;
+      }
+      VerifyRepository(when);
+      return;
+    }
     const Status& st = snap.status();
     EXPECT_NE(st.message().find("injected"), std::string::npos) << when << ": " << st.ToString();
     if (kind == Kind::kNoSpace) {
@@ -366,7 +382,8 @@ TEST_F(FaultInjectionBackupTest, EveryWriteOfTheFirstBackupAndOfIncrementalsMayF
       if (expected_.empty()) {
         ASSERT_NO_FATAL_FAILURE(CleanBackup(when + "; next backup", /*expect_incremental=*/false));
       } else {
-        EXPECT_EQ(n, first_writes + 1) << when;
+        // Committed: the fault hit the ledger (the last write), or none fired.
+        EXPECT_GE(n, first_writes) << when;
       }
       ASSERT_FALSE(HasFailure()) << when;
     }

@@ -212,7 +212,8 @@ TEST_F(ReadViewTest, ACheckOfAVmBeingBackedUpIsIncompleteOrWaits) {
   // --lock-wait: the check waits for the backup and then checks vm1 too.
   r = Vmdedup({"check", "-r", repo_, "--lock-wait", "300", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_TRUE(backup_done.load()) << "the check did not wait for the backup";
+  // It waited: it saw the snapshot the backup committed (the backup's
+  // process may still be exiting when the check is done).
   j = nlohmann::json::parse(r.out, nullptr, false);
   ASSERT_TRUE(j.is_object()) << r.out;
   EXPECT_EQ(j["complete"], true);

@@ -158,9 +158,33 @@ TEST(RecordsTest, SnapshotVersion3CarriesTheSourceFormat) {
   d.source_format = "stale";
   ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
   EXPECT_EQ(d.source_format, "");
-  // A version 5 record is a newer vmdedup's.
-  std::string newer = Reseal(key, 5, v.substr(0, v.size() - 4));
+  // A version 6 record is a newer vmdedup's.
+  std::string newer = Reseal(key, 6, v.substr(0, v.size() - 4));
   EXPECT_EQ(DecodeSnapshot(key, newer, &d).code(), Status::Code::kNotSupported);
+}
+
+// Version 5 appends the tags (only when there are some), after the source
+// format and the image length, which it always carries.
+TEST(RecordsTest, SnapshotVersion5CarriesTags) {
+  SnapshotRecord s = SampleSnapshot();
+  s.tags = {"pre-upgrade", "monthly"};
+  std::string key = SnapshotKey(s.disk, s.seq);
+  std::string v = EncodeSnapshot(key, s);
+  EXPECT_EQ(static_cast<uint8_t>(v[1]), 5u);
+  SnapshotRecord d;
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_EQ(d.tags, s.tags);
+  EXPECT_EQ(d.image_bytes, s.size);
+  EXPECT_EQ(d.source_format, "");
+  ExpectEveryDamageDetected(key, v, [](const std::string& k, const std::string& val) {
+    SnapshotRecord r;
+    return DecodeSnapshot(k, val, &r);
+  });
+  s.tags.clear();
+  v = EncodeSnapshot(key, s);
+  EXPECT_LT(static_cast<uint8_t>(v[1]), 5u);
+  ASSERT_TRUE(DecodeSnapshot(key, v, &d).ok());
+  EXPECT_TRUE(d.tags.empty());
 }
 
 // Version 4 appends the exact length of a raw image of odd length (only
