@@ -14,6 +14,7 @@ int RestoreCommand(int argc, char** argv);
 int CheckCommand(int argc, char** argv);
 int RepairCommand(int argc, char** argv);
 int ForgetCommand(int argc, char** argv);
+int GcCommand(int argc, char** argv);
 int StatsCommand(int argc, char** argv);
 int StatusCommand(int argc, char** argv);
 int ServeCommand(int argc, char** argv);

@@ -37,6 +37,7 @@ Commands:
   check       verify a repository's metadata (and with --read-data, all data)
   repair      salvage a VM's damaged metadata store
   forget      remove snapshots by a retention policy (--keep-daily 7 ...) or by name
+  gc          free the space no snapshot uses (after forget, interrupted backups)
   stats       totals per VM and for the repository
   status      a running QEMU's disks, vmdedup's bitmaps on them, last snapshots
   cds         build the common data set of popular blocks; list its versions
@@ -85,6 +86,7 @@ int main(int argc, char** argv) {
   if (cmd == "check") return CheckCommand(argc, argv);
   if (cmd == "repair") return RepairCommand(argc, argv);
   if (cmd == "forget") return ForgetCommand(argc, argv);
+  if (cmd == "gc") return GcCommand(argc, argv);
   if (cmd == "stats") return StatsCommand(argc, argv);
   if (cmd == "status") return StatusCommand(argc, argv);
   if (cmd == "serve") return ServeCommand(argc, argv);

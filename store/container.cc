@@ -343,6 +343,20 @@ BlockRecordInfo ContainerWriter::Append(const Fingerprint& fp, uint32_t raw_len,
   return info;
 }
 
+bool ContainerWriter::FitsRecord(size_t record_len) const {
+  return count_ != UINT32_MAX && buf_.size() + record_len + kContainerTrailerSize <= capacity_;
+}
+
+uint32_t ContainerWriter::AppendRecord(const RecordView& view, std::string_view record) {
+  assert(FitsRecord(record.size()));
+  const auto offset = static_cast<uint32_t>(buf_.size());
+  buf_.append(record.data(), record.size());
+  count_++;
+  blocks_ += view.block_count();
+  if (view.is_frame()) has_frames_ = true;
+  return offset;
+}
+
 bool ContainerWriter::FitsFrame(size_t blocks, size_t payload_len) const {
   if (blocks < 2 || blocks > kMaxFrameBlocks || payload_len > kMaxBlockSize || count_ == UINT32_MAX)
     return false;

@@ -58,6 +58,8 @@ struct FrameBlock {
   uint32_t raw_len = 0;
 };
 
+class RecordView;
+
 class ContainerWriter {
  public:
   // `capacity` is the size (clamped to kMaxContainerSize) past which Fits()
@@ -85,6 +87,14 @@ class ContainerWriter {
   // asserted. The container becomes format version 2.
   BlockRecordInfo AppendFrame(std::span<const FrameBlock> blocks, Compression c,
                               std::span<const uint8_t> payload);
+  // True when a record of `record_len` bytes still fits, trailer included.
+  bool FitsRecord(size_t record_len) const;
+  // Appends, byte for byte, a record of another container that `view`
+  // parsed (its checksum verified): a record carries no container id or
+  // offset, so every reference to it, block indexes included, holds in its
+  // new place. The caller checked FitsRecord. Returns its offset. (gc
+  // compaction.)
+  uint32_t AppendRecord(const RecordView& view, std::string_view record);
   uint64_t id() const { return id_; }
   size_t size() const { return buf_.size(); }
   uint32_t block_count() const { return blocks_; }  // in all its records

@@ -393,11 +393,17 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   std::string dir = path_ + "/vms/" + vm;
   std::error_code ec;
   int lock_fd = -1;
+  std::unique_ptr<ReaderLease> lease;
   if (access != Access::kWrite) {
     Status links = RefuseLinksInVm(path_, vm);
     if (links.IsNotFound())
       return Status::NotFound("VM '" + vm + "' has no backups in repository " + path_);
     RETURN_IF_ERROR(links);
+    // Before the view is opened: gc deletes nothing a lease holder's view
+    // may read.
+    if (access == Access::kRead) {
+      ASSIGN_OR_RETURN(lease, ReaderLease::Take(path_, vm));
+    }
   } else {
     // The VM's directory and its metadata's: LevelDB syncs what it writes
     // inside the latter, but not its entry, so both are made durable here.
@@ -452,6 +458,7 @@ Result<std::unique_ptr<VmStore>> Repository::OpenVm(const std::string& vm, Acces
   std::unique_ptr<MetadataStore> store = std::move(meta).value();
   if (options_.wrap_metadata) store = options_.wrap_metadata(std::move(store));
   std::unique_ptr<VmStore> vs(new VmStore(vm, std::move(store), lock_fd, objects_));
+  vs->lease_ = std::move(lease);
   if (access == Access::kWrite) {
     std::string value;
     Status st = vs->meta()->Get(VmInfoKey(), &value);
@@ -556,7 +563,8 @@ VmStore::VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_f
     : vm_(std::move(vm)), meta_(std::move(meta)), lock_fd_(lock_fd), objects_(objects) {}
 
 VmStore::~VmStore() {
-  meta_.reset();  // close the database before releasing the lock
+  meta_.reset();  // close the database before releasing the lock (or the lease)
+  lease_.reset();
   if (lock_fd_ >= 0) ReleaseLockFile(lock_fd_);
 }
 

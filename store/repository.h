@@ -35,6 +35,7 @@
 #include "store/metadata_repair.h"
 #include "store/metadata_store.h"
 #include "store/object_store.h"
+#include "store/reader_lease.h"
 #include "store/records.h"
 
 namespace leveldb {
@@ -221,6 +222,7 @@ class VmStore {
   VmStore(std::string vm, std::unique_ptr<MetadataStore> meta, int lock_fd, ObjectStore* objects);
   std::string vm_;
   std::unique_ptr<MetadataStore> meta_;
+  std::unique_ptr<ReaderLease> lease_;  // a read view's (store/reader_lease.h)
   int lock_fd_ = -1;
   ObjectStore* objects_;
   bool ids_checked_on_disk_ = false;
