@@ -8,6 +8,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/output.h"
+#include "engine/gc.h"
 #include "engine/retention.h"
 
 namespace vmdedup::cli {
@@ -22,7 +23,7 @@ or the SNAPSHOTs named (VM/DISK/SEQ, or VM/DISK/latest). Every other
 snapshot still restores on its own: snapshots are logically full, and
 forgetting one changes nothing another uses. Forgetting frees no space by
 itself: the blocks only forgotten snapshots used stay in the VM's
-containers until garbage collection removes them.
+containers until 'vmdedup gc' (or --prune) removes them.
 
 The policy has restic's meaning and applies to each series (a VM's disk)
 on its own, snapshots taken newest first. A snapshot is kept when any rule
@@ -48,9 +49,11 @@ Options:
   --vm VM           only this VM's series (default: every VM)
   --disk DISK       only this disk's series
   --dry-run         say what would be removed, remove nothing
+  --prune           then run gc (vmdedup gc) on the VMs it removed from
   --json            one JSON object: {"series": [{"vm", "disk", "keep":
                     [{"id", "time", "reasons"}], "remove": [{"id", "time"}]}],
-                    "removed", "dry_run"}
+                    "removed", "dry_run", "pruned": [{"vm", "skipped",
+                    "bytes_freed"}], "bytes_freed"}
   -h, --help        this text
 
 A backup whose parent would have been a forgotten snapshot continues the
@@ -60,7 +63,8 @@ changed. Each VM is locked while its snapshots are removed; a VM a backup
 holds is skipped with a message (exit code 4).
 
 Exit codes: 0 done, 1 failure (nothing of the failing VM was removed), 2 bad
-usage, 4 a VM was locked by a backup, 130 interrupted.
+usage, 4 a VM was locked by a backup, 5 --prune left a VM untouched (named),
+130 interrupted.
 )";
 
 Result<int> ParseCount(const Args& args, const std::string& name) {
@@ -111,6 +115,7 @@ int ForgetCommand(int argc, char** argv) {
                            {"keep-within", 0, true},
                            {"keep-tag", 0, true},
                            {"dry-run", 0, false},
+                           {"prune", 0, false},
                            {"json", 0, false},
                            {"help", 'h', false}});
   if (!args.ok()) return ReportError(args.status());
@@ -194,6 +199,7 @@ int ForgetCommand(int argc, char** argv) {
 
   int exit_code = kExitOk;
   uint64_t removed = 0;
+  std::vector<std::string> touched;  // VMs snapshots were removed from
   nlohmann::json out_series = nlohmann::json::array();
   for (const std::string& name : vms) {
     if (CancelFlag().load()) return kExitInterrupted;
@@ -269,14 +275,48 @@ int ForgetCommand(int argc, char** argv) {
       continue;
     }
     removed += to_remove.size();
+    touched.push_back(name);
+  }
+  // --prune: gc of the VMs it removed from, each after its lock was let go.
+  nlohmann::json pruned = nlohmann::json::array();
+  uint64_t freed = 0;
+  if (args->Has("prune") && !dry_run) {
+    for (const std::string& name : touched) {
+      GcOptions gc;
+      gc.vm = name;
+      gc.cancel = &CancelFlag();
+      auto report = CollectGarbage(**repo, gc);
+      if (!report.ok()) {
+        std::fprintf(stderr, "vmdedup: %s\n", report.status().ToString().c_str());
+        exit_code = kExitFailure;
+        continue;
+      }
+      for (const GcVmReport& v : report->vms) {
+        freed += v.bytes_freed;
+        pruned.push_back({{"vm", v.vm}, {"skipped", v.skipped}, {"bytes_freed", v.bytes_freed}});
+        if (!v.skipped.empty()) {
+          std::fprintf(stderr, "vmdedup: gc left VM %s untouched: %s\n", v.vm.c_str(),
+                       v.skipped.c_str());
+          if (exit_code == kExitOk) exit_code = kExitIncomplete;
+        }
+      }
+    }
   }
   if (json) {
-    PrintJson({{"series", out_series}, {"removed", removed}, {"dry_run", dry_run}});
+    PrintJson({{"series", out_series},
+               {"removed", removed},
+               {"dry_run", dry_run},
+               {"pruned", pruned},
+               {"bytes_freed", freed}});
   } else if (dry_run) {
     std::printf("dry run: nothing was removed\n");
   } else {
-    std::printf("removed %llu snapshot(s); their space is freed by garbage collection\n",
-                static_cast<unsigned long long>(removed));
+    if (args->Has("prune"))
+      std::printf("removed %llu snapshot(s); gc freed %s\n",
+                  static_cast<unsigned long long>(removed), HumanSize(freed).c_str());
+    else
+      std::printf("removed %llu snapshot(s); 'vmdedup gc' frees their space\n",
+                  static_cast<unsigned long long>(removed));
   }
   return exit_code;
 }

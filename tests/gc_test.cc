@@ -133,6 +133,24 @@ TEST_F(GcTest, ForgetThenGcFreesWhatOnlyForgottenSnapshotsUsed) {
   ExpectKeptWhole(repo_, {"vm1/vda/5", "vm1/vda/7"});
 }
 
+// forget --prune runs gc on the VMs it removed snapshots from, only those.
+TEST_F(GcTest, ForgetPruneCollectsTheVmsItTouched) {
+  MakeSeries(repo_, "vm1", 13);
+  MakeSeries(repo_, "vm2", 14);
+  const std::string stray = repo_ + "/vms/vm2/data/00000000000fffff.ctr";
+  ASSERT_TRUE(WriteFileBytes(stray, "a leftover gc of vm2 would remove"));
+  const uint64_t before = DirBytes(repo_ + "/vms/vm1/data");
+  auto r = Vmdedup({"forget", "-r", repo_, "--vm", "vm1", "--keep-last", "1", "--prune", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["pruned"].size(), 1u) << r.out;
+  EXPECT_EQ(j["bytes_freed"].get<uint64_t>(), before - DirBytes(repo_ + "/vms/vm1/data"));
+  EXPECT_GT(j["bytes_freed"].get<uint64_t>(), 0u);
+  EXPECT_TRUE(fs::exists(stray));  // vm2 was not touched
+  fs::remove(stray);
+  ExpectKeptWhole(repo_, {"vm1/vda/6", "vm2/vda/1", "vm2/vda/6"});
+}
+
 // A serve of a snapshot that is then forgotten: gc leaves the VM alone
 // while the server reads, nbdcopy reads it bit-exactly, and once the
 // server is gone gc frees it.
