@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -190,6 +191,12 @@ int ForgetCommand(int argc, char** argv) {
   if (!named.empty()) {
     for (const auto& [vm, _] : named_by_vm) vms.push_back(vm);
   } else if (auto vm = args->Get("vm")) {
+    // Named: it must exist (opening it to write would create it).
+    auto dirs = (*repo)->ListVmDirectories();
+    if (!dirs.ok()) return ReportError(dirs.status());
+    if (std::find(dirs->begin(), dirs->end(), *vm) == dirs->end())
+      return ReportError(
+          Status::NotFound("VM '" + *vm + "' has no backups in repository " + *repo_path));
     vms.push_back(*vm);
   } else {
     auto all = (*repo)->ListVms();

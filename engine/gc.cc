@@ -353,6 +353,11 @@ Result<GcReport> CollectGarbage(Repository& repo, const GcOptions& options) {
   GcReport report;
   std::vector<std::string> vms;
   if (!options.vm.empty()) {
+    // Named: it must exist (opening it to write would create it).
+    ASSIGN_OR_RETURN(std::vector<std::string> dirs, repo.ListVmDirectories());
+    if (std::find(dirs.begin(), dirs.end(), options.vm) == dirs.end())
+      return Status::NotFound("VM '" + options.vm + "' has no backups in repository " +
+                              repo.path());
     vms.push_back(options.vm);
   } else {
     ASSIGN_OR_RETURN(vms, repo.ListVms());

@@ -172,6 +172,15 @@ TEST_F(ForgetTest, BadUsageIsRefusedBeforeAnythingIsRemoved) {
     auto r = Vmdedup(args);
     EXPECT_NE(r.exit_code, 0) << args.back();
   }
+  // A VM that does not exist is not created by naming it.
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"forget", "-r", repo_, "--vm", "nosuch", "--keep-last", "1"},
+           {"gc", "-r", repo_, "--vm", "nosuch"}}) {
+    auto r = Vmdedup(args);
+    EXPECT_EQ(r.exit_code, 1) << args[0];
+    EXPECT_NE(r.err.find("has no backups"), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(std::filesystem::exists(repo_ + "/vms/nosuch"));
   auto missing = Vmdedup({"forget", "-r", repo_, "a/vda/9"});
   EXPECT_EQ(missing.exit_code, 1);
   EXPECT_NE(missing.err.find("does not exist"), std::string::npos) << missing.err;
