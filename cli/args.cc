@@ -84,6 +84,17 @@ Result<unsigned> Args::Threads() const {
   return static_cast<unsigned>(v);
 }
 
+Result<double> Args::LockWaitSeconds() const {
+  auto wait = Get("lock-wait");
+  if (!wait) return 0.0;
+  char* end = nullptr;
+  const double v = std::strtod(wait->c_str(), &end);
+  if (wait->empty() || *end != '\0' || !(v >= 0) || v > 7 * 24 * 3600)
+    return Status::InvalidArgument("--lock-wait takes seconds from 0 to 604800, not '" + *wait +
+                                   "'");
+  return v;
+}
+
 Result<uint64_t> ParseSize(const std::string& text) {
   // strtoull would take "-5" as 2^64 - 5 and skip leading blanks: only
   // digits may start a size.

@@ -29,6 +29,8 @@ class Args {
   // -r/--repo, else $VMDEDUP_REPO; InvalidArgument when neither is set.
   Result<std::string> Repo() const;
   Result<unsigned> Threads() const;  // --threads, default: number of cores
+  // --lock-wait SECONDS (0 to 604800), 0 when absent.
+  Result<double> LockWaitSeconds() const;
 
  private:
   std::multimap<std::string, std::string> values_;

@@ -103,16 +103,12 @@ int CheckCommand(int argc, char** argv) {
   CheckOptions opt;
   opt.read_data = args->Has("read-data");
   opt.vm = args->Get("vm").value_or("");
-  if (auto wait = args->Get("lock-wait")) {
-    char* end = nullptr;
-    const double v = std::strtod(wait->c_str(), &end);
-    if (wait->empty() || *end != '\0' || !(v >= 0) || v > 7 * 24 * 3600) {
-      std::fprintf(stderr, "vmdedup: --lock-wait takes seconds from 0 to 604800, not '%s'\n",
-                   wait->c_str());
-      return kExitUsage;
-    }
-    opt.lock_wait_seconds = v;
+  auto lock_wait = args->LockWaitSeconds();
+  if (!lock_wait.ok()) {
+    std::fprintf(stderr, "vmdedup: %s\n", lock_wait.status().message().c_str());
+    return kExitUsage;
   }
+  opt.lock_wait_seconds = *lock_wait;
   opt.cancel = &CancelFlag();
   const bool json = args->Has("json");
   auto report = CheckRepository(**repo, opt);
